@@ -1,0 +1,41 @@
+"""Score networks: a registry by name (`config.model.name`), and the model → score_fn bridge.
+
+Importing this package registers every model family.
+"""
+from __future__ import annotations
+
+from score_sde_jax import score as score_lib
+from score_sde_jax import sde as sde_lib
+from score_sde_jax.models import mlp  # noqa: F401  (registers 'mlp')
+from score_sde_jax.models.registry import get_model_class, register_model, registered_models
+
+
+def get_model(config):
+  """The Flax module named by `config.model.name`, built from the whole config (official fields)."""
+  return get_model_class(config.model.name)(config=config)
+
+
+def get_model_fn(model, variables, train: bool = False, rng=None):
+  """`model_fn(x, labels)`: the raw network output with `variables` bound.  In training mode, `rng`
+  (a PRNG key) drives dropout."""
+
+  def model_fn(x, labels):
+    kwargs = {}
+    if train and rng is not None:
+      kwargs["rngs"] = {"dropout": rng}
+    return model.apply(variables, x, labels, train=train, **kwargs)
+
+  return model_fn
+
+
+def get_score_fn(sde, model, variables, continuous: bool = True, train: bool = False, rng=None):
+  """`score_fn(x, t)` of a network with the official conventions: VE networks take σ(t) (continuous)
+  or the reversed ladder index (discrete) and return the score (any `scale_by_sigma` happens inside the
+  network); VP / sub-VP networks take 999·t (continuous) or the DDPM index t(N−1) (discrete) and
+  predict noise, divided by the marginal std to give the score."""
+  model_fn = get_model_fn(model, variables, train=train, rng=rng)
+  param = "score" if isinstance(sde, sde_lib.VESDE) else "noise"
+  return score_lib.make_score_fn(sde, model_fn, parameterization=param, continuous=continuous)
+
+
+__all__ = ["get_model", "get_model_fn", "get_score_fn", "register_model", "registered_models"]
