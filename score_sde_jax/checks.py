@@ -76,3 +76,20 @@ def check_score_output(score, x) -> None:
   if getattr(score, "shape", None) != getattr(x, "shape", None):
     raise ValueError(f"score_fn(x, t) must return an array shaped like x {tuple(x.shape)}; got "
                      f"shape {getattr(score, 'shape', None)}.")
+
+
+def check_sde(sde) -> None:
+  from score_sde_jax import sde as sde_lib  # local: sde.py imports this module
+  if not isinstance(sde, sde_lib.SDE):
+    raise ValueError(f"sde must be a VESDE, VPSDE or SubVPSDE instance; got {type(sde).__name__}.")
+
+
+def check_score_fn(score_fn, shape) -> None:
+  """Checks once, by abstract evaluation, that score_fn maps x [B, *D] and t [B] to [B, *D]."""
+  import jax
+  import jax.numpy as jnp
+  if not callable(score_fn):
+    raise ValueError(f"score_fn must be a callable score_fn(x, t); got {score_fn!r}.")
+  x = jax.ShapeDtypeStruct(tuple(shape), jnp.float32)
+  t = jax.ShapeDtypeStruct(tuple(shape)[:1], jnp.float32)
+  check_score_output(jax.eval_shape(score_fn, x, t), x)

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from score_sde_jax import checks
+from score_sde_jax import divergence
 from score_sde_jax import score as score_lib
 from score_sde_jax import sde as sde_lib
 
@@ -78,8 +79,7 @@ def _weight(sde, t, std, weighting):
 
 
 def _check_common(sde, eps, weighting, importance_sampling):
-  if not isinstance(sde, sde_lib.SDE):
-    raise ValueError(f"sde must be a VESDE, VPSDE or SubVPSDE; got {type(sde).__name__}.")
+  checks.check_sde(sde)
   checks.check_eps(eps, sde.T)
   checks.check_choice("weighting", weighting, WEIGHTINGS)
   if importance_sampling and weighting != "likelihood":
@@ -103,20 +103,6 @@ def dsm_loss(key: Array, score_fn, x: Array, sde: sde_lib.SDE, *, weighting: str
   return _reduce(per_dim, reduce_mean) * _weight(sde, t, std, weighting) * correction
 
 
-def _divergence_exact(fn, x):
-  """tr(∂fn/∂x) per example, by one JVP per data dimension (fn acts on each example independently)."""
-  b = x.shape[0]
-  d = x[0].size
-  flat = x.reshape(b, d)
-
-  def column(i):
-    e = jnp.zeros((b, d), x.dtype).at[:, i].set(1.0)
-    _, jvp = jax.jvp(lambda y: fn(y.reshape(x.shape)).reshape(b, d), (flat,), (e,))
-    return jvp[:, i]
-
-  return jnp.sum(jax.vmap(column)(jnp.arange(d)), axis=0)
-
-
 def explicit_sm_loss(key, score_fn, x, sde, *, weighting="sigma2", reduce_mean=True, eps=1e-5,
                      sliced=False, variance_reduced=False):
   """Per-example explicit or sliced score matching on x(t) ~ p_t (see module docstring)."""
@@ -129,7 +115,7 @@ def explicit_sm_loss(key, score_fn, x, sde, *, weighting="sigma2", reduce_mean=T
   d = x[0].size
   if not sliced:
     s = fn(xt)
-    trace = _divergence_exact(fn, xt)
+    trace = divergence.exact_divergence(fn, xt)
     half_norm = 0.5 * jnp.sum(s.reshape(s.shape[0], -1) ** 2, axis=-1)
   else:
     v = jax.random.normal(k_v, x.shape, x.dtype)

@@ -177,21 +177,6 @@ def get_corrector(name: str) -> Callable:
   return CORRECTORS[key].fn
 
 
-def _check_sde(sde):
-  if not isinstance(sde, sde_lib.SDE):
-    raise ValueError(f"sde must be a VESDE, VPSDE or SubVPSDE; got {type(sde).__name__}.")
-
-
-def _checked_score_fn(score_fn, shape):
-  """Checks once, at trace time, that score_fn maps [B, *D] × [B] to [B, *D]."""
-  if not callable(score_fn):
-    raise ValueError(f"score_fn must be a callable score_fn(x, t); got {score_fn!r}.")
-  x = jax.ShapeDtypeStruct(shape, jnp.float32)
-  t = jax.ShapeDtypeStruct(shape[:1], jnp.float32)
-  out = jax.eval_shape(score_fn, x, t)
-  checks.check_score_output(out, x)
-
-
 # ---------------------------------------------------------------------------------------------------
 # Samplers
 # ---------------------------------------------------------------------------------------------------
@@ -210,7 +195,7 @@ def pc_sample(key, sde, score_fn, shape, predictor="euler_maruyama", corrector="
   denoise: return the last update's mean (no final noise), as the official `noise_removal`.
   nfe = N × (predictor's + n_corrector_steps × corrector's score evaluations per step).
   """
-  _check_sde(sde)
+  checks.check_sde(sde)
   shape = checks.check_shape("shape", shape)
   predictor_entry = PREDICTORS[checks.check_choice("predictor", checks.normalize_name(predictor),
                                                    PREDICTORS)]
@@ -220,7 +205,7 @@ def pc_sample(key, sde, score_fn, shape, predictor="euler_maruyama", corrector="
   checks.check_eps(eps, sde.T)
   checks.check_non_negative_int("n_corrector_steps", n_corrector_steps)
   checks.check_positive("snr", snr)
-  _checked_score_fn(score_fn, shape)
+  checks.check_score_fn(score_fn, shape)
   predictor_fn, corrector_fn = predictor_entry.fn, corrector_entry.fn
 
   timesteps = jnp.linspace(sde.T, eps, sde.N)
@@ -261,7 +246,7 @@ def annealed_langevin_sample(key, sde, score_fn, shape, n_steps_each=100, step_l
   `n_steps_each` steps  x ← x + (α_i/2) s(x, t_i) + √α_i z  with  α_i = ε σ_i² / σ_L²  (ε = `step_lr`).
   `denoise` adds the final Tweedie step x + σ_L² s(x, t_L) (Jolicoeur-Martineau et al., 2021).
   Returns (x, nfe)."""
-  _check_sde(sde)
+  checks.check_sde(sde)
   shape = checks.check_shape("shape", shape)
   num_scales = sde.N if num_scales is None else num_scales
   checks.check_positive_int("num_scales", num_scales)
@@ -270,7 +255,7 @@ def annealed_langevin_sample(key, sde, score_fn, shape, n_steps_each=100, step_l
   if eps is None:
     eps = 1e-5 if isinstance(sde, sde_lib.VESDE) else 1e-3
   checks.check_eps(eps, sde.T)
-  _checked_score_fn(score_fn, shape)
+  checks.check_score_fn(score_fn, shape)
   batch = shape[0]
   if isinstance(sde, sde_lib.VESDE):
     eps = 0.0  # σ(0) = σ_min: the ladder ends exactly at σ_min
@@ -318,11 +303,11 @@ def ode_sample(key, sde, score_fn, shape, solver="tsit5", rtol=1e-5, atol=1e-5, 
   (adaptive tsit5/dopri5 on rtol/atol, or `num_steps` fixed steps of any solver).  `denoise` adds one
   noise-free reverse-diffusion step at t = eps (the official ODE sampler's `denoise`).
   Returns (x, nfe) with nfe the true number of score evaluations."""
-  _check_sde(sde)
+  checks.check_sde(sde)
   shape = checks.check_shape("shape", shape)
   checks.check_eps(eps, sde.T)
   ode_lib.check_solver_args(solver, rtol, atol, num_steps)
-  _checked_score_fn(score_fn, shape)
+  checks.check_score_fn(score_fn, shape)
   x = sde.prior_sampling(key, shape)
   x, nfe = ode_lib.solve(probability_flow_drift(sde, score_fn), x, sde.T, eps, solver=solver,
                          rtol=rtol, atol=atol, num_steps=num_steps, max_steps=max_steps)
