@@ -7,6 +7,10 @@ from __future__ import annotations
 from score_sde_jax import score as score_lib
 from score_sde_jax import sde as sde_lib
 from score_sde_jax.models import mlp  # noqa: F401  (registers 'mlp')
+from score_sde_jax.models import ncsnpp  # noqa: F401  (registers 'ncsnpp')
+from score_sde_jax.models import ddpm  # noqa: F401  (registers 'ddpm')
+from score_sde_jax.models import ncsnv2  # noqa: F401  (registers 'ncsn', 'ncsnv2_64/128/256')
+from score_sde_jax.models.convert import convert_torch_state_dict, export_torch_state_dict
 from score_sde_jax.models.registry import get_model_class, register_model, registered_models
 
 
@@ -38,4 +42,5 @@ def get_score_fn(sde, model, variables, continuous: bool = True, train: bool = F
   return score_lib.make_score_fn(sde, model_fn, parameterization=param, continuous=continuous)
 
 
-__all__ = ["get_model", "get_model_fn", "get_score_fn", "register_model", "registered_models"]
+__all__ = ["get_model", "get_model_fn", "get_score_fn", "register_model", "registered_models",
+           "convert_torch_state_dict", "export_torch_state_dict"]
