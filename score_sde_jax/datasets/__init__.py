@@ -1,0 +1,30 @@
+"""Data: tfds image pipelines (`images`), local tfds builders (`builders`) and toy distributions (`toy`).
+
+`toy` is imported lazily (on first attribute access), so the image pipeline does not depend on it.
+"""
+from score_sde_jax.datasets.builders import default_mnist_source_dir, prepare_mnist, MnistDataError
+from score_sde_jax.datasets.images import (
+    IMAGE_DATASETS,
+    DataError,
+    EvalIterator,
+    TrainIterator,
+    get_data_inverse_scaler,
+    get_data_scaler,
+    get_dataset_info,
+    get_eval_iterator,
+    get_train_iterator,
+)
+
+
+def __getattr__(name):
+  if name == "toy":
+    import importlib  # pylint: disable=import-outside-toplevel
+    return importlib.import_module("score_sde_jax.datasets.toy")
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "IMAGE_DATASETS", "DataError", "EvalIterator", "MnistDataError", "TrainIterator", "default_mnist_source_dir",
+    "get_data_inverse_scaler", "get_data_scaler", "get_dataset_info", "get_eval_iterator", "get_train_iterator",
+    "prepare_mnist", "toy",
+]
