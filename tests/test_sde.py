@@ -124,7 +124,7 @@ def test_discrete_chains_reproduce_the_marginals():
   t = jnp.full((4,), 0.5)
   f, G = vp.discretize(x, t)
   beta = float(vp.discrete_betas[int(0.5 * 999)])
-  np.testing.assert_allclose(f, (math.sqrt(1 - beta) - 1) * x, rtol=1e-5)
+  np.testing.assert_allclose(f, (math.sqrt(1 - beta) - 1) * x, rtol=1e-4)  # float32 cancellation
   np.testing.assert_allclose(G, math.sqrt(beta), rtol=1e-6)
   sub = sde_lib.SubVPSDE(N=50)
   f, G = sub.discretize(x, t)
