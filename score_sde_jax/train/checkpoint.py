@@ -1,0 +1,116 @@
+"""orbax checkpoints of the train state and the data iterator's position.
+
+One `orbax.checkpoint.CheckpointManager` in `<workdir>/checkpoints`: every checkpoint holds the train
+state ('state') and the data iterator state of every host ('data', JSON).  The newest checkpoint is
+always kept (the rolling preemption checkpoint, `max_to_keep=1`) and so is every step that is a
+multiple of `training.snapshot_freq` (`keep_period`).  Saves are asynchronous (the device-to-host copy
+happens before `save` returns, the file writing in the background); orbax writes into a temporary
+directory and renames it when complete, so a crash mid-write never leaves a checkpoint that looks whole.
+`restore_latest` tries the newest checkpoint first and falls back to older ones when one cannot be
+read, reporting which it skipped and why.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Callable, List, Optional, Tuple
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+class Checkpointer:
+  """Saves and restores (state, data-iterator states) under `<workdir>/checkpoints`."""
+
+  def __init__(self, workdir: str, snapshot_freq: Optional[int] = None, async_save: bool = True):
+    self.directory = checkpoint_dir(workdir)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=1, keep_period=snapshot_freq if snapshot_freq and snapshot_freq > 0 else None,
+        enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True)
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
+    self.skipped: List[Tuple[int, str]] = []
+
+  def all_steps(self) -> List[int]:
+    return sorted(self.manager.all_steps())
+
+  def save(self, step: int, state, data_states: Any, wait: bool = False) -> None:
+    """Saves `state` (a pytree of jax arrays) and `data_states` (JSON-able) at `step`; every host must
+    call it.  With `wait`, blocks until the files are written."""
+    if step in self.manager.all_steps():
+      self.manager.wait_until_finished()
+      return
+    self.manager.save(int(step), args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_states)), force=True)
+    if wait:
+      self.manager.wait_until_finished()
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def restore(self, step: int, abstract_state):
+    out = self.manager.restore(int(step), args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+    return out["state"], out["data"]
+
+  def restore_latest(self, abstract_state, check: Optional[Callable[[Any], None]] = None,
+                     report: Callable[[str], None] = print):
+    """(step, state, data_states) of the newest checkpoint that restores (and passes `check`), or
+    None when there is none.  Unreadable checkpoints are skipped with a message (`report`) naming the
+    step and the error; they are recorded in `self.skipped`."""
+    for step in reversed(self.all_steps()):
+      try:
+        state, data = self.restore(step, abstract_state)
+        if check is not None:
+          check(state)
+        return step, state, data
+      except Exception as e:  # noqa: BLE001  (any read/decode failure means: try the previous one)
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        self.skipped.append((step, reason))
+        report(f"WARNING: skipping checkpoint {os.path.join(self.directory, str(step))} "
+               f"(step {step}): it could not be restored ({reason}); trying the previous one.")
+    return None
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def check_finite_state(state) -> None:
+  """Raises ValueError when any floating leaf of a restored state is NaN/Inf."""
+  for leaf in jax.tree_util.tree_leaves(state):
+    a = np.asarray(leaf) if not isinstance(leaf, jax.Array) or leaf.is_fully_addressable else None
+    if a is not None and np.issubdtype(a.dtype, np.floating) and not np.all(np.isfinite(a)):
+      raise ValueError("restored state contains NaN/Inf values")
+
+
+def encode_data_states(local_state: Any) -> Any:
+  """Every host's data-iterator state as {'process_count': n, 'states': [...]} (all hosts gather the
+  JSON of each; single-host: no communication)."""
+  n = jax.process_count()
+  if n == 1:
+    return {"process_count": 1, "states": [local_state]}
+  from jax.experimental import multihost_utils
+  raw = json.dumps(local_state).encode()
+  length = multihost_utils.process_allgather(np.asarray(len(raw), np.int32))
+  buf = np.zeros(int(np.max(length)), np.uint8)
+  buf[:len(raw)] = np.frombuffer(raw, np.uint8)
+  allbuf = multihost_utils.process_allgather(buf)
+  states = [json.loads(bytes(allbuf[i][:int(length[i])]).decode()) for i in range(n)]
+  return {"process_count": n, "states": states}
+
+
+def decode_data_state(saved: Any) -> Any:
+  """This host's data-iterator state from what `encode_data_states` saved."""
+  n = int(saved["process_count"])
+  if n != jax.process_count():
+    raise ValueError(f"the checkpoint was written by {n} hosts but this run has "
+                     f"{jax.process_count()}: the data position of each host cannot be restored.")
+  return saved["states"][jax.process_index()]

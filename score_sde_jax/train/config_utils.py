@@ -1,0 +1,208 @@
+"""Config checks that run before anything is compiled, and the saved-config resume guard.
+
+* `validate_config(config, num_devices)`: unknown keys (compared with the schema of
+  `score_sde_jax.config_defaults`, with "did you mean" suggestions), wrong value types, batch sizes that
+  do not divide by the device count, impossible frequencies.  All problems are reported at once in one
+  `ConfigError`.
+* `check_resume_config(workdir, config, force)`: a workdir remembers its config (`config.json`); a run
+  whose config differs in anything but the fields in `RESUMABLE_FIELDS` (schedules, logging, sampling
+  and evaluation settings) is refused with the list of differences unless forced.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from typing import Any, Dict, List, Tuple
+
+import ml_collections
+
+from score_sde_jax import config_defaults
+
+CONFIG_FILE = "config.json"
+
+# Fields that may change between a run and its resumption: they do not change the model, the data or
+# the optimisation trajectory of the steps already taken.
+RESUMABLE_FIELDS = ("training.n_iters", "training.snapshot_freq", "training.log_freq",
+                    "training.eval_freq", "training.snapshot_freq_for_preemption",
+                    "training.snapshot_sampling", "training.n_jitted_steps", "data.tfds_data_dir")
+RESUMABLE_SECTIONS = ("sampling.", "eval.")
+# Sections whose extra keys are model- or dataset-specific (e.g. NCSN++ `ch_mult`): an unknown key
+# there is an error only when it looks like a typo of a known one.
+OPEN_SECTIONS = ("model", "data")
+
+
+class ConfigError(ValueError):
+  """A config problem found before training starts."""
+
+
+def flatten(config, prefix: str = "") -> Dict[str, Any]:
+  out = {}
+  items = config.items() if hasattr(config, "items") else []
+  for k, v in items:
+    key = f"{prefix}{k}"
+    if isinstance(v, (ml_collections.ConfigDict, dict)):
+      out.update(flatten(v, key + "."))
+    else:
+      out[key] = v
+  return out
+
+
+def schema() -> Dict[str, Any]:
+  """Every known key with a default value: the union of the default configs (base, and toy configs for
+  each toy dataset and SDE)."""
+  keys = flatten(config_defaults.base_config())
+  for sde in ("vesde", "vpsde", "subvpsde"):
+    for name in getattr(config_defaults, "TOY_DATASETS", ("ring8",)):
+      for k, v in flatten(config_defaults.toy_config(sde, name)).items():
+        keys.setdefault(k, v)
+  for name in dir(config_defaults):   # further default builders added later (e.g. image models)
+    fn = getattr(config_defaults, name)
+    if (name.endswith("_config") or name.endswith("_defaults")) and callable(fn) and \
+        name not in ("base_config", "toy_config"):
+      try:
+        cfg = fn()
+      except TypeError:
+        continue
+      if isinstance(cfg, ml_collections.ConfigDict):
+        for k, v in flatten(cfg).items():
+          keys.setdefault(k, v)
+  return keys
+
+
+def _type_ok(value, default) -> bool:
+  if default is None or value is None:
+    return True
+  if isinstance(default, bool):
+    return isinstance(value, bool)
+  if isinstance(default, int):
+    return isinstance(value, int) and not isinstance(value, bool)
+  if isinstance(default, float):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  if isinstance(default, str):
+    return isinstance(value, str)
+  if isinstance(default, (tuple, list)):
+    return isinstance(value, (tuple, list))
+  return True
+
+
+def _type_name(v) -> str:
+  return type(v).__name__
+
+
+def validate_config(config, num_devices: int = 1) -> List[str]:
+  """Raises ConfigError listing every problem; returns warnings (unknown model/data keys that are
+  not typos of known ones, passed on to the model or dataset)."""
+  known = schema()
+  flat = flatten(config)
+  errors, warnings = [], []
+  for key, value in flat.items():
+    if key not in known:
+      section = key.split(".")[0]
+      close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.85)
+      if section in OPEN_SECTIONS and "." in key and not close:
+        warnings.append(f"{key} is not a standard field (passed to the model/data code as is)")
+        continue
+      hint = f"; did you mean {close[0]!r}?" if close else ""
+      errors.append(f"unknown config key {key!r}{hint}")
+      continue
+    if not _type_ok(value, known[key]):
+      errors.append(f"{key}={value!r} has type {_type_name(value)}; expected {_type_name(known[key])} "
+                    f"(like the default {known[key]!r})")
+  t = config.get("training", {})
+  for name in ("batch_size", "n_iters", "snapshot_freq", "log_freq", "snapshot_freq_for_preemption",
+               "n_jitted_steps"):
+    v = t.get(name, 1)
+    if isinstance(v, int) and not isinstance(v, bool) and v <= 0:
+      errors.append(f"training.{name}={v} must be a positive integer")
+  bs = t.get("batch_size", None)
+  if isinstance(bs, int) and bs > 0 and bs % num_devices:
+    errors.append(f"training.batch_size={bs} does not divide by the number of devices "
+                  f"({num_devices}); use a multiple of {num_devices}")
+  ebs = config.get("eval", {}).get("batch_size", None)
+  if isinstance(ebs, int) and ebs > 0 and ebs % num_devices:
+    errors.append(f"eval.batch_size={ebs} does not divide by the number of devices ({num_devices}); "
+                  f"use a multiple of {num_devices}")
+  n_jit = t.get("n_jitted_steps", 1)
+  if isinstance(n_jit, int) and n_jit > 1:
+    for name in ("snapshot_freq", "snapshot_freq_for_preemption", "log_freq"):
+      v = t.get(name, 1)
+      if isinstance(v, int) and v > 0 and v % n_jit:
+        errors.append(f"training.{name}={v} must be a multiple of training.n_jitted_steps={n_jit}")
+  m = config.get("model", {})
+  er = m.get("ema_rate", 0.999)
+  if isinstance(er, (int, float)) and not 0.0 <= er < 1.0:
+    errors.append(f"model.ema_rate={er} must lie in [0, 1)")
+  dt = m.get("dtype", "float32")
+  if isinstance(dt, str) and dt not in ("float32", "bfloat16", "float16"):
+    errors.append(f"model.dtype={dt!r}; allowed values: 'float32', 'bfloat16', 'float16'")
+  if errors:
+    raise ConfigError("Invalid config:\n  - " + "\n  - ".join(errors))
+  return warnings
+
+
+def to_jsonable(config) -> Dict[str, Any]:
+  def conv(v):
+    if isinstance(v, (ml_collections.ConfigDict, dict)):
+      return {k: conv(x) for k, x in v.items()}
+    if isinstance(v, (tuple, list)):
+      return [conv(x) for x in v]
+    if isinstance(v, (bool, int, float, str)) or v is None:
+      return v
+    return repr(v)
+  return conv(config)
+
+
+def save_config(workdir: str, config) -> str:
+  path = os.path.join(workdir, CONFIG_FILE)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(to_jsonable(config), f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+  return path
+
+
+def load_saved_config(workdir: str):
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def _resumable(key: str) -> bool:
+  return key in RESUMABLE_FIELDS or key.startswith(RESUMABLE_SECTIONS)
+
+
+def config_differences(old: Dict[str, Any], new) -> List[Tuple[str, Any, Any]]:
+  """(key, saved value, new value) for every non-resumable field that differs."""
+  a = flatten(old)
+  b = flatten(to_jsonable(new))
+  missing = object()
+  diffs = []
+  for key in sorted(set(a) | set(b)):
+    if _resumable(key):
+      continue
+    va, vb = a.get(key, missing), b.get(key, missing)
+    if isinstance(va, (int, float)) and isinstance(vb, (int, float)) and not isinstance(va, bool) \
+        and not isinstance(vb, bool) and float(va) == float(vb):
+      continue
+    if va != vb:
+      diffs.append((key, "<absent>" if va is missing else va, "<absent>" if vb is missing else vb))
+  return diffs
+
+
+def check_resume_config(workdir: str, config, force: bool = False) -> List[Tuple[str, Any, Any]]:
+  """Refuses (ConfigError) to continue a workdir whose saved config differs from `config` in a field
+  that changes the model, the data or the optimisation, unless `force`.  Returns the differences."""
+  old = load_saved_config(workdir)
+  if old is None:
+    return []
+  diffs = config_differences(old, config)
+  if diffs and not force:
+    lines = "\n  ".join(f"{k}: saved {a!r} -> now {b!r}" for k, a, b in diffs)
+    raise ConfigError(
+        f"{workdir} holds a run with a different config ({os.path.join(workdir, CONFIG_FILE)}); "
+        f"these fields change the model, the data or the optimisation:\n  {lines}\n"
+        f"Use a new --workdir, or pass --force_resume to continue anyway.")
+  return diffs

@@ -1,0 +1,421 @@
+"""The training loop: data → sharded train step → EMA → logs, snapshots and preemption-safe checkpoints.
+
+`train(config, workdir)` is what `scripts/train.py` runs.  In order, before anything is compiled:
+the config is validated (`config_utils.validate_config`), the workdir's saved config is compared with
+this one (`config_utils.check_resume_config`), and the training data is opened.  Then the state is
+initialised (replicated over a 1-D device mesh) or restored from the newest good checkpoint together with
+the data iterator's position, and the loop runs until `training.n_iters` steps are done.
+
+Per step nothing waits on the device: losses stay on the device until the next log (every
+`training.log_freq` steps), checkpoint or the end, when they are fetched, checked (a NaN/Inf loss stops
+the run naming its step, before anything is saved, so the last good checkpoint stays intact) and written
+to TensorBoard and the progress bar.
+
+Checkpoints: every `snapshot_freq_for_preemption` steps (rolling, keep 1), every `snapshot_freq` steps
+(kept; also a PNG of samples from the EMA parameters and the test-split loss), at the end, and on
+SIGTERM/SIGINT (saved after the current step, then the run exits).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import signal
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from score_sde_jax import sde as sde_lib
+from score_sde_jax.train import checkpoint as ckpt_lib
+from score_sde_jax.train import config_utils
+from score_sde_jax.train import metric_writer
+from score_sde_jax.train import parallel
+from score_sde_jax.train import state as state_lib
+from score_sde_jax.train import step as step_lib
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss became NaN or Inf; nothing was saved after the last good checkpoint."""
+
+
+class DataError(config_utils.ConfigError):
+  """The configured data cannot be opened."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+  state: Any
+  step: int
+  workdir: str
+  checkpoint_dir: str
+  log_dir: str
+  sample_dir: str
+  preempted: bool = False       # stopped by SIGTERM/SIGINT after saving a checkpoint
+  signal: Optional[int] = None
+  resumed_from: Optional[int] = None
+  skipped_checkpoints: List = dataclasses.field(default_factory=list)
+  history: List[Dict[str, float]] = dataclasses.field(default_factory=list)  # per-step metrics
+  last_samples: Any = None      # samples of the last snapshot (data space, numpy), process 0
+
+
+def is_toy(config) -> bool:
+  try:
+    from score_sde_jax.config_defaults import TOY_DATASETS
+  except ImportError:  # pragma: no cover
+    TOY_DATASETS = ("mixture1d", "ring8", "checkerboard", "moons", "swissroll")
+  return str(config.data.dataset).lower() in TOY_DATASETS
+
+
+def _datasets():
+  from score_sde_jax import datasets
+  return datasets
+
+
+def get_scalers(config):
+  ds = _datasets()
+  return ds.get_data_scaler(config), ds.get_data_inverse_scaler(config)
+
+
+def open_train_iterator(config, batch_size: int, mesh=None):
+  """This host's training iterator (its shard of every global batch), with a clear error when the data
+  is missing."""
+  ds = _datasets()
+  try:
+    return ds.get_train_iterator(config, batch_size=batch_size, seed=int(config.seed),
+                                 process_index=jax.process_index(), process_count=jax.process_count())
+  except (FileNotFoundError, OSError, ImportError, ValueError, RuntimeError) as e:
+    raise DataError(f"Cannot open the training data for data.dataset={config.data.dataset!r}: "
+                    f"{type(e).__name__}: {e}") from e
+
+
+def open_eval_iterator(config, batch_size: int, split: str = "test"):
+  ds = _datasets()
+  return ds.get_eval_iterator(config, split, batch_size=batch_size, process_index=jax.process_index(),
+                              process_count=jax.process_count())
+
+
+class _SignalCatcher:
+  """Records SIGTERM/SIGINT instead of dying, so the loop can checkpoint and exit cleanly.  A second
+  SIGINT raises KeyboardInterrupt at once."""
+
+  def __init__(self, enabled: bool = True):
+    self.signum: Optional[int] = None
+    self._old = {}
+    if enabled and threading_is_main():
+      for s in (signal.SIGTERM, signal.SIGINT):
+        self._old[s] = signal.signal(s, self._handle)
+
+  def _handle(self, signum, frame):  # noqa: ARG002
+    if self.signum is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.signum = signum
+
+  def restore(self):
+    for s, h in self._old.items():
+      signal.signal(s, h)
+    self._old = {}
+
+
+def threading_is_main() -> bool:
+  import threading
+  return threading.current_thread() is threading.main_thread()
+
+
+def _any_process(flag: bool) -> bool:
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils
+  return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
+
+
+def _stack_batches(batches):
+  return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+
+
+def train(config, workdir: str, *, devices: Optional[Sequence] = None, force_resume: bool = False,
+          progress: bool = True, report: Callable[[str], None] = None, async_checkpoint: bool = True,
+          handle_signals: bool = True, keep_history: bool = False,
+          on_step: Optional[Callable[[int], None]] = None) -> TrainResult:
+  """Trains (or resumes) the run of `config` in `workdir`; see the module docstring.
+
+  devices: the devices of the 1-D data-parallel mesh (default: all).  force_resume: continue a workdir
+  whose saved config differs.  keep_history: keep every step's metrics in the result (tests).
+  on_step(step): called after each dispatched step (tests use it to inject faults).
+  """
+  process0 = jax.process_index() == 0
+  if report is None:
+    report = print if process0 else (lambda *_: None)
+  workdir = os.path.abspath(workdir)
+  mesh = parallel.make_mesh(devices)
+  n_dev = mesh.devices.size
+
+  # ---- checks before any compilation --------------------------------------------------------------
+  for w in config_utils.validate_config(config, n_dev):
+    report(f"config note: {w}")
+  t_cfg = config.training
+  n_iters = int(t_cfg.n_iters)
+  n_jit = max(1, int(t_cfg.get("n_jitted_steps", 1)))
+  global_batch = int(t_cfg.batch_size)
+  host_batch = parallel.local_batch_size(global_batch, mesh)
+  os.makedirs(workdir, exist_ok=True)
+  diffs = config_utils.check_resume_config(workdir, config, force=force_resume)
+  for k, a, b in diffs:
+    report(f"WARNING (--force_resume): {k} changed from {a!r} to {b!r}")
+  train_iter = open_train_iterator(config, host_batch)
+  scaler, inverse_scaler = get_scalers(config)
+  if process0:
+    config_utils.save_config(workdir, config)
+
+  ckpt_dir = ckpt_lib.checkpoint_dir(workdir)
+  log_dir = os.path.join(workdir, "logs")
+  sample_dir = os.path.join(workdir, "samples")
+  writer = metric_writer.MetricWriter(log_dir, enabled=process0)
+
+  # ---- model, state, compiled functions -----------------------------------------------------------
+  from score_sde_jax import models as models_lib
+  from score_sde_jax import sampling as sampling_lib
+
+  sde = sde_lib.sde_from_config(config)
+  model = models_lib.get_model(config)
+  tx, lr_fn = state_lib.get_optimizer(config)
+  first = next(train_iter)
+  data_shape = tuple(np.asarray(first["image"]).shape[1:])
+  rep = parallel.replicated(mesh)
+  bsh = parallel.batch_sharding(mesh)
+  bsh_multi = parallel.batch_sharding(mesh, leading_axes=1)
+
+  init_key = jax.random.PRNGKey(int(config.seed))
+  create = jax.jit(lambda k: state_lib.create_train_state(config, model, k, (1,) + data_shape, tx),
+                   out_shardings=rep)
+  abstract = jax.eval_shape(create, init_key)
+  abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep),
+                                    abstract)
+
+  snapshot_freq = int(t_cfg.snapshot_freq)
+  preempt_freq = int(t_cfg.snapshot_freq_for_preemption)
+  checkpointer = ckpt_lib.Checkpointer(workdir, snapshot_freq=snapshot_freq, async_save=async_checkpoint)
+  restored = checkpointer.restore_latest(abstract, check=ckpt_lib.check_finite_state, report=report)
+  resumed_from = None
+  if restored is not None:
+    resumed_from, state, data_saved = restored
+    train_iter.set_state(ckpt_lib.decode_data_state(data_saved))
+    first = None
+    report(f"Resuming from step {resumed_from} ({os.path.join(ckpt_dir, str(resumed_from))}).")
+  else:
+    state = create(init_key)
+    # `first` is the batch of step 1; a run restored from a step-0 checkpoint refetches it.
+  start_step = int(jax.device_get(state.step))
+
+  train_step = step_lib.make_train_step(config, sde, model, tx, lr_fn, scaler=scaler)
+  # Donating the old state halves its memory on accelerators (orbax copies a state to host memory
+  # before `save` returns).  On CPU a host copy may alias the device buffer, so nothing is donated there.
+  donate = (0,) if mesh.devices.flat[0].platform != "cpu" else ()
+  p_step = jax.jit(train_step, in_shardings=(rep, bsh), out_shardings=(rep, rep), donate_argnums=donate)
+  p_multi = None
+  if n_jit > 1:
+    p_multi = jax.jit(step_lib.make_multi_step(train_step, n_jit), in_shardings=(rep, bsh_multi),
+                      out_shardings=(rep, rep), donate_argnums=donate)
+
+  # ---- helpers ------------------------------------------------------------------------------------
+  pending: List = []          # (first step, metrics on device, number of steps)
+  history: List[Dict[str, float]] = []
+  last_saved = {"step": resumed_from}
+  t_last = {"time": time.time(), "step": start_step}
+  bar = None
+  if progress and process0:
+    from tqdm.auto import tqdm
+    bar = tqdm(total=n_iters, initial=start_step, unit="step", dynamic_ncols=True, smoothing=0.1,
+               desc="train", file=sys.stderr)
+  say = (lambda msg: bar.write(msg)) if bar is not None else report
+
+  def flush(force_log: bool = False):
+    """Fetches pending metrics; raises NonFiniteLossError naming the first bad step; logs."""
+    if not pending:
+      return
+    fetched = jax.device_get([m for _, m, _ in pending])
+    rows = []
+    for (s0, _, n), m in zip(pending, fetched):
+      for i in range(n):
+        rows.append((s0 + i, {k: float(np.asarray(v).reshape(-1)[i] if n > 1 else v)
+                              for k, v in m.items()}))
+    pending.clear()
+    for s, m in rows:
+      if not math.isfinite(m["loss"]):
+        good = last_saved["step"]
+        where = (f"the last good checkpoint, step {good}, in {ckpt_dir} is intact"
+                 if good is not None else "no checkpoint had been written yet")
+        raise NonFiniteLossError(
+            f"Training loss is {m['loss']} at step {s}: stopping before saving anything; {where}. "
+            f"Lower optim.lr, check the data scaling or use model.dtype='float32'.")
+    if keep_history:
+      history.extend({"step": s, **m} for s, m in rows)
+    now = time.time()
+    s_end = rows[-1][0]
+    dt = max(now - t_last["time"], 1e-9)
+    steps_per_s = (s_end - t_last["step"]) / dt
+    t_last["time"], t_last["step"] = now, s_end
+    mean = {k: float(np.mean([m[k] for _, m in rows])) for k in rows[-1][1]}
+    mean["steps_per_sec"] = steps_per_s
+    mean["images_per_sec"] = steps_per_s * global_batch
+    writer.write_scalars(s_end, {f"train/{k}": v for k, v in mean.items()})
+    writer.flush()
+    if bar is not None:
+      bar.update(s_end - bar.n)
+      bar.set_postfix(loss=f"{mean['loss']:.4g}", steps_s=f"{steps_per_s:.3g}",
+                      img_s=f"{mean['images_per_sec']:.4g}", refresh=False)
+      bar.refresh()
+
+  def save(step: int, wait: bool = False):
+    flush()
+    data_state = ckpt_lib.encode_data_states(train_iter.get_state())
+    checkpointer.save(step, state, data_state, wait=wait)
+    last_saved["step"] = step
+
+  # Snapshot extras: samples from the EMA parameters and the test-split loss.
+  snap_fns = {}
+
+  def snapshot(step: int):
+    out = {}
+    if bool(config.eval.get("enable_loss", True)):
+      loss = eval_loss(step)
+      if loss is not None:
+        out["eval_loss"] = loss
+        writer.write_scalars(step, {"eval/loss": loss})
+        writer.flush()
+        say(f"step {step}: eval loss (EMA params, test split) = {loss:.5g}")
+    if bool(t_cfg.get("snapshot_sampling", True)):
+      out["samples"] = snapshot_samples(step)
+    return out
+
+  def snapshot_samples(step: int):
+    if "sample" not in snap_fns:
+      n = int(config.sampling.get("num_samples", 64))
+      sample_fn = sampling_lib.get_sampler(config, sde, (n,) + data_shape)
+
+      def draw(params, key):
+        score_fn = models_lib.get_score_fn(sde, model, params, continuous=bool(t_cfg.continuous),
+                                           train=False)
+        x, nfe = sample_fn(key, score_fn)
+        return inverse_scaler(x), nfe
+
+      snap_fns["sample"] = jax.jit(draw, in_shardings=(rep, rep), out_shardings=(rep, rep))
+    key = jax.random.fold_in(jax.random.PRNGKey(int(config.seed) + 1), step)
+    x, nfe = snap_fns["sample"](state.ema_params, jax.device_put(key, rep))
+    x = parallel.to_host(x)
+    if process0:
+      from score_sde_jax import plotting
+      if is_toy(config):
+        ref = snap_fns.get("eval_data")
+        path = os.path.join(sample_dir, f"samples_{step:08d}.png")
+        plotting.save_toy_samples(x, ref if ref is not None else x, path,
+                                  title=f"step {step}: EMA samples ({config.sampling.method})")
+        sfn = score_field_fn()
+        plotting.save_score_field(sfn, ref if ref is not None else x,
+                                  os.path.join(sample_dir, f"score_field_{step:08d}.png"))
+      else:
+        path = os.path.join(sample_dir, f"samples_{step:08d}.png")
+        plotting.save_image_grid(x, path)
+      say(f"step {step}: {len(x)} samples (NFE {int(nfe)}) -> {path}")
+    return x
+
+  def score_field_fn():
+    if "score" not in snap_fns:
+      def sf(params, x, t):
+        return models_lib.get_score_fn(sde, model, params, continuous=bool(t_cfg.continuous),
+                                       train=False)(x, t)
+      snap_fns["score"] = jax.jit(sf)
+    params = state.ema_params
+    return lambda x, t: np.asarray(snap_fns["score"](params, scaler(jnp.asarray(x)), jnp.asarray(t)))
+
+  def eval_loss(step: int) -> Optional[float]:
+    ebs = int(config.eval.batch_size)
+    host_ebs = parallel.local_batch_size(ebs, mesh)
+    try:
+      it = open_eval_iterator(config, host_ebs)
+    except Exception as e:  # noqa: BLE001
+      say(f"step {step}: no evaluation data ({type(e).__name__}: {e}); eval loss skipped")
+      return None
+    if "eval" not in snap_fns:
+      snap_fns["eval"] = jax.jit(step_lib.make_eval_step(config, sde, model, scaler=scaler),
+                                 in_shardings=(rep, bsh, rep), out_shardings=(rep, rep))
+    key0 = jax.random.fold_in(jax.random.PRNGKey(int(config.seed) + 2), step)
+    total, count, keep = 0.0, 0.0, []
+    for i, b in enumerate(it):
+      batch = {"image": parallel.host_to_global(np.asarray(b["image"], np.float32), bsh),
+               "mask": parallel.host_to_global(np.asarray(b["mask"], bool), bsh)}
+      s, c = snap_fns["eval"](state.ema_params, batch, jax.device_put(jax.random.fold_in(key0, i), rep))
+      total += float(s)
+      count += float(c)
+      if is_toy(config) and sum(len(k) for k in keep) < 4096:
+        keep.append(np.asarray(b["image"])[np.asarray(b["mask"], bool)])
+    if keep:
+      snap_fns["eval_data"] = np.concatenate(keep)
+    return total / max(count, 1.0)
+
+  # ---- the loop -----------------------------------------------------------------------------------
+  catcher = _SignalCatcher(handle_signals)
+  step = start_step
+  result_samples = None
+  if resumed_from is None:
+    report(f"Training from scratch in {workdir} on {n_dev} device(s) "
+           f"({jax.devices()[0].platform}), global batch {global_batch}.")
+  try:
+    while step < n_iters:
+      n = n_jit if (p_multi is not None and n_iters - step >= n_jit) else 1
+      batches = []
+      for _ in range(n):
+        if first is not None:
+          batches.append(first)
+          first = None
+        else:
+          batches.append(next(train_iter))
+      if n == 1:
+        gb = parallel.host_to_global(np.asarray(batches[0]["image"], np.float32), bsh)
+        state, metrics = p_step(state, {"image": gb})
+      else:
+        gb = parallel.host_to_global(_stack_batches([{"image": np.asarray(b["image"], np.float32)}
+                                                     for b in batches])["image"], bsh_multi)
+        state, metrics = p_multi(state, {"image": gb})
+      pending.append((step + 1, metrics, n))
+      step += n
+      if on_step is not None:
+        on_step(step)
+      if step % int(t_cfg.log_freq) == 0:
+        flush()
+      stop = catcher.signum is not None
+      if jax.process_count() > 1 and step % int(t_cfg.log_freq) == 0:
+        stop = _any_process(stop)
+      if step % snapshot_freq == 0 or step == n_iters:
+        save(step)
+        extras = snapshot(step)
+        result_samples = extras.get("samples", result_samples)
+      elif step % preempt_freq == 0:
+        save(step)
+      if stop:
+        save(step, wait=True)
+        name = signal.Signals(catcher.signum).name if catcher.signum else "signal"
+        say(f"Received {name}: saved a checkpoint at step {step} in {ckpt_dir}; exiting. "
+            f"Run the same command again to resume.")
+        break
+    flush()
+    checkpointer.wait()
+  finally:
+    catcher.restore()
+    if bar is not None:
+      bar.close()
+    try:
+      checkpointer.close()
+    finally:
+      writer.close()
+  preempted = step < n_iters
+  if not preempted:
+    report(f"Done: {step} steps. Checkpoints: {ckpt_dir}  TensorBoard logs: {log_dir}  "
+           f"Samples: {sample_dir}")
+  return TrainResult(state=state, step=step, workdir=workdir, checkpoint_dir=ckpt_dir, log_dir=log_dir,
+                     sample_dir=sample_dir, preempted=preempted, signal=catcher.signum,
+                     resumed_from=resumed_from, skipped_checkpoints=list(checkpointer.skipped),
+                     history=history, last_samples=result_samples)

@@ -1,0 +1,97 @@
+"""Train state and optimiser.
+
+The state is a pytree (a `flax.struct` dataclass) holding everything a bit-identical resume needs:
+the completed step count, the model variables, their exponential moving average, the optax state and
+the PRNG key that drives the loss noise (and dropout).  Parameters, EMA and optimiser stay float32 even
+when the model computes in bfloat16 (`model.dtype`): mixed precision lives inside the modules.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Tuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+PyTree = Any
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array         # int32 scalar: number of completed optimiser steps
+  params: PyTree          # the whole Flax variables pytree ({'params': ...}); what apply_fn takes
+  ema_params: PyTree      # EMA of `params` at rate model.ema_rate (used for sampling and evaluation)
+  opt_state: PyTree       # optax state
+  rng: jax.Array          # raw uint32 PRNG key; split once per step
+
+
+def get_learning_rate_fn(config) -> Callable[[jax.Array], jax.Array]:
+  """lr(step) = optim.lr · min((step + 1) / optim.warmup, 1): linear warm-up, then constant (step is the
+  number of completed steps, so the first update already uses a non-zero rate)."""
+  lr = float(config.optim.lr)
+  warmup = int(config.optim.warmup)
+
+  def lr_fn(step):
+    step = jnp.asarray(step, jnp.float32)
+    if warmup > 0:
+      return lr * jnp.minimum((step + 1.0) / warmup, 1.0)
+    return jnp.full_like(step, lr)
+
+  return lr_fn
+
+
+def get_optimizer(config) -> Tuple[optax.GradientTransformation, Callable]:
+  """optax chain from `config.optim`: global-norm clipping at `grad_clip` (skipped when < 0), then Adam
+  (AdamW when `weight_decay` > 0) with β₁ = `beta1`, β₂ = 0.999, ε = `eps` and the warm-up schedule.
+  Returns (tx, lr_fn)."""
+  optim = config.optim
+  name = str(optim.optimizer).lower()
+  if name not in ("adam", "adamw"):
+    raise ValueError(f"optim.optimizer={optim.optimizer!r} is not supported; allowed values: 'Adam', "
+                     f"'AdamW'.")
+  lr_fn = get_learning_rate_fn(config)
+  wd = float(optim.weight_decay)
+  if wd > 0 or name == "adamw":
+    opt = optax.adamw(lr_fn, b1=float(optim.beta1), b2=0.999, eps=float(optim.eps), weight_decay=wd)
+  else:
+    opt = optax.adam(lr_fn, b1=float(optim.beta1), b2=0.999, eps=float(optim.eps))
+  parts = []
+  if float(optim.grad_clip) >= 0:
+    parts.append(optax.clip_by_global_norm(float(optim.grad_clip)))
+  parts.append(opt)
+  return optax.chain(*parts), lr_fn
+
+
+def _to_float32(tree):
+  return jax.tree_util.tree_map(
+      lambda a: a.astype(jnp.float32) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+
+
+def init_variables(config, model, key, input_shape):
+  """Model variables for inputs of `input_shape` ([B, *D]; B is replaced by 1), in float32."""
+  input_shape = (1,) + tuple(int(d) for d in input_shape[1:])
+  x = jnp.zeros(input_shape, jnp.float32)
+  labels = jnp.ones((1,), jnp.float32)
+  k_params, k_drop = jax.random.split(key)
+  variables = model.init({"params": k_params, "dropout": k_drop}, x, labels, train=False)
+  return _to_float32(flax.core.unfreeze(variables) if isinstance(variables, flax.core.FrozenDict)
+                     else variables)
+
+
+def create_train_state(config, model, key, input_shape, tx=None) -> TrainState:
+  """A fresh TrainState: variables initialised from `key` on inputs shaped `input_shape`, EMA equal to
+  the initial parameters, optimiser state from `get_optimizer(config)` (or `tx`), and the training PRNG
+  key derived from `key`."""
+  if tx is None:
+    tx, _ = get_optimizer(config)
+  k_init, k_train = jax.random.split(jnp.asarray(key))
+  variables = init_variables(config, model, k_init, input_shape)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=variables,
+                    ema_params=jax.tree_util.tree_map(jnp.copy, variables),
+                    opt_state=tx.init(variables), rng=k_train)
+
+
+def ema_update(ema, params, rate: float):
+  """ema ← rate · ema + (1 − rate) · params (leaf-wise)."""
+  return jax.tree_util.tree_map(lambda e, p: rate * e + (1.0 - rate) * p, ema, params)
