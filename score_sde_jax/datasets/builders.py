@@ -262,17 +262,22 @@ def prepare_mnist(source_dir: str | None = None, data_dir: str | None = None, *,
   """Builds tfds `mnist` (array_record) in `data_dir` from the IDX files in `source_dir`; idempotent.
 
   `source_dir=None` uses `default_mnist_source_dir()`; if that finds nothing and `download` is True the
-  files are fetched from tfds' mirror instead. Checksums are verified before anything is written; an
-  already prepared dataset is left as it is (its split sizes are checked). Returns the dataset directory
+  files are fetched from tfds' mirror instead. Checksums are verified before anything is written (and an
+  explicitly given `source_dir` is verified even when the dataset is already there); an already prepared
+  dataset is left as it is (its split sizes are checked). Returns the dataset directory
   (`<data_dir>/mnist/3.0.1`). Needs no TensorFlow.
   """
   data_dir = default_data_dir(data_dir)
+  explicit = source_dir is not None
   if source_dir is None:
     source_dir = default_mnist_source_dir()
     if source_dir is None and not download:
       raise MnistDataError(f"No local MNIST files found and downloading is off. {PREPARE_HINT}")
   builder = LocalMNIST(data_dir=data_dir, source_dir=source_dir)
-  if not builder.is_prepared():
+  if builder.is_prepared():
+    if explicit:
+      verify_mnist_source(source_dir)  # an explicitly named source must be intact even if not needed
+  else:
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(compute_stats=tfds.download.ComputeStatsMode.SKIP))
     builder = LocalMNIST(data_dir=data_dir, source_dir=source_dir)

@@ -1,0 +1,81 @@
+#!/usr/bin/env python
+"""Prepares a dataset as tfds `array_record` files in a tfds data dir, for the TF-free training pipeline.
+
+  # MNIST from local IDX files (default $SCORE_SDE_MNIST_DIR or ../shared/data/mnist); no TensorFlow needed:
+  python scripts/prepare_data.py --dataset MNIST [--mnist_dir DIR] [--data_dir ~/tensorflow_datasets]
+  # MNIST without local files: download the four files from tfds' mirror (network), same verification:
+  python scripts/prepare_data.py --dataset MNIST --download
+  # Catalogue datasets (standard tfds download and preparation; tfds needs TensorFlow for this step only):
+  python scripts/prepare_data.py --dataset CIFAR10 | SVHN | CELEBA | CelebAHQ --image_size 256 | LSUN --category bedroom
+  # FFHQ from a folder of the official PNG images (no TensorFlow needed):
+  python scripts/prepare_data.py --dataset FFHQ --image_size 256 --manual_dir DIR
+
+The result goes to `<data_dir>/<tfds name>/<version>/` (default data dir: $TFDS_DATA_DIR or
+~/tensorflow_datasets); set `config.data.tfds_data_dir` to the same directory when training elsewhere.
+Nothing is copied into the repository. Preparing an already prepared dataset is a no-op.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from score_sde_jax.config_defaults import base_config  # noqa: E402
+from score_sde_jax.datasets import builders, images  # noqa: E402
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--dataset", required=True, choices=images.IMAGE_DATASETS)
+  parser.add_argument("--data_dir", default="", help="tfds data dir (default $TFDS_DATA_DIR or ~/tensorflow_datasets)")
+  parser.add_argument("--mnist_dir", default=None, help="MNIST: directory of the IDX .gz files (+ SHA256SUMS)")
+  parser.add_argument("--download", action="store_true", help="MNIST: fetch the files if no local copy is found")
+  parser.add_argument("--image_size", type=int, default=None, help="FFHQ/CelebAHQ: resolution to prepare")
+  parser.add_argument("--category", default="bedroom", help="LSUN category")
+  parser.add_argument("--manual_dir", default=None, help="FFHQ/CelebAHQ: directory of the manual download")
+  args = parser.parse_args(argv)
+
+  data_dir = builders.default_data_dir(args.data_dir or None)
+  start = time.time()
+  if args.dataset == "MNIST":
+    try:
+      path = builders.prepare_mnist(args.mnist_dir, data_dir, download=args.download)
+    except builders.MnistDataError as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 1
+    print(f"MNIST ready in {path} ({time.time() - start:.1f} s)")
+    return 0
+
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  config = base_config()
+  config.data.dataset = args.dataset
+  config.data.category = args.category
+  if args.image_size:
+    config.data.image_size = args.image_size
+  elif args.dataset in ("FFHQ", "CelebAHQ"):
+    config.data.image_size = 256
+  name = images._spec(config).tfds_name  # pylint: disable=protected-access
+  kwargs = {}
+  if args.manual_dir:
+    kwargs["download_config"] = tfds.download.DownloadConfig(manual_dir=args.manual_dir)
+  builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
+  if builder.is_prepared():
+    print(f"{name} already prepared in {builder.data_dir}")
+    return 0
+  try:
+    builder.download_and_prepare(**kwargs)
+  except ModuleNotFoundError as e:
+    print(f"error: preparing {name} with tfds needs the module {e.name!r}, which is not installed. tfds' "
+          f"standard preparation needs TensorFlow (image encoding) and importlib_resources: install them "
+          f"for this step only (`pip install tensorflow importlib_resources`); training then reads the "
+          f"array_record files without them.", file=sys.stderr)
+    return 1
+  print(f"{name} ready in {builder.data_dir} ({time.time() - start:.1f} s)")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
