@@ -1,0 +1,6 @@
+"""Deep NCSN++ architecture with the sub-VP SDE, CIFAR-10."""
+from score_sde_jax import image_configs
+
+
+def get_config():
+  return image_configs.ncsnpp(image_configs.cifar10_config(), 'subvpsde', continuous=True, deep=True)

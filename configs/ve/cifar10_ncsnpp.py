@@ -1,0 +1,6 @@
+"""NCSN++ trained with the discrete SMLD objective (VE), CIFAR-10."""
+from score_sde_jax import image_configs
+
+
+def get_config():
+  return image_configs.ncsnpp(image_configs.cifar10_config(), 'vesde', continuous=False)
