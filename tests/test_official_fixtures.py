@@ -1,0 +1,120 @@
+"""Our Flax models compute the official functions: outputs of the official PyTorch models (fixtures made by
+running score_sde_pytorch on small configs with perturbed random weights) are reproduced after converting
+their state dicts, both the raw network output and the score of `get_score_fn`."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from score_sde_jax.models import convert_torch_state_dict, get_model, get_score_fn
+from score_sde_jax.models import convert as convert_lib
+from score_sde_jax.sde import sde_from_config
+
+FIXTURES = ("ncsnpp_ve_continuous_small", "ddpmpp_vp_continuous_small", "ddpm_vp_small")
+PARAM_COUNTS = {"ncsnpp_ve_continuous_small": 461427, "ddpmpp_vp_continuous_small": 446051,
+                "ddpm_vp_small": 1508643}
+TOL = 1e-4
+
+
+def _rel(a, b):
+  a = np.asarray(a, np.float64)
+  b = np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+_CACHE = {}
+
+
+def _load(shared_dir, name):
+  if name in _CACHE:
+    return _CACHE[name]
+  path = os.path.join(shared_dir, "fixtures", "official_torch", f"{name}.npz")
+  if not os.path.exists(path):
+    pytest.skip(f"{path} is missing")
+  d = np.load(path)
+  config = ml_collections.ConfigDict(json.loads(str(d["config_json"])))
+  sd = {k[3:]: d[k] for k in d.files if k.startswith("sd/")}
+  arrays = {k: d[k] for k in d.files if not k.startswith("sd/") and k != "config_json"}
+  model = get_model(config)
+  variables = convert_torch_state_dict(config, sd)
+  _CACHE[name] = (config, sd, arrays, model, variables)
+  return _CACHE[name]
+
+
+def _nhwc(a):
+  return np.transpose(a, (0, 2, 3, 1))
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_model_output_matches_official(shared_dir, name):
+  config, sd, arrays, model, variables = _load(shared_dir, name)
+  n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(variables))
+  assert n_params == PARAM_COUNTS[name]
+  x = jnp.asarray(_nhwc(arrays["x"]))
+  labels = jnp.asarray(arrays["labels"])
+  out = jax.jit(lambda v, x, y: model.apply(v, x, y, train=False))(variables, x, labels)
+  err = _rel(out, _nhwc(arrays["model_out"]))
+  print(f"{name}: model_out relative L2 error {err:.3e}")
+  assert err < TOL, err
+
+
+@pytest.mark.parametrize("name", [f for f in FIXTURES if f != "ddpm_vp_small"])
+def test_score_matches_official(shared_dir, name):
+  config, sd, arrays, model, variables = _load(shared_dir, name)
+  sde = sde_from_config(config)
+  score_fn = get_score_fn(sde, model, variables, continuous=True)
+  x = jnp.asarray(_nhwc(arrays["x"]))
+  score = jax.jit(score_fn)(x, jnp.asarray(arrays["t"]))
+  err = _rel(score, _nhwc(arrays["score"]))
+  print(f"{name}: score relative L2 error {err:.3e}")
+  assert err < TOL, err
+
+
+def test_checkpoint_layouts_convert_the_same(shared_dir):
+  """Raw dict, `module.` prefix, {'model': …} checkpoints and the EMA shadow list give the same
+  variables."""
+  config, sd, arrays, model, variables = _load(shared_dir, "ncsnpp_ve_continuous_small")
+  same = lambda a, b: jax.tree.all(jax.tree.map(lambda p, q: bool(np.array_equal(p, q)), a, b))
+  prefixed = {"module." + k: v for k, v in sd.items()}
+  assert same(convert_torch_state_dict(config, prefixed), variables)
+  ckpt = {"model": prefixed, "step": 3}
+  assert same(convert_torch_state_dict(config, ckpt), variables)
+  # EMA as stored by the official ExponentialMovingAverage: trainable params in parameters() order
+  # (state-dict order without the 'sigmas' buffer and the frozen Fourier W).
+  trainable = [k for k in sd if k != "sigmas" and k != "all_modules.0.W"]
+  shadow = [sd[k] * 0.5 for k in trainable]
+  ckpt = {"model": prefixed, "ema": {"decay": 0.999, "num_updates": 1, "shadow_params": shadow}}
+  ema_vars = convert_torch_state_dict(config, ckpt, use_ema=True)
+  halved = jax.tree.map(lambda a: a * 0.5, variables)
+  halved["params"]["GaussianFourierProjection_0"] = variables["params"]["GaussianFourierProjection_0"]
+  assert same(ema_vars, halved)
+  # A named EMA dict under 'ema' works as well.
+  assert same(convert_torch_state_dict(config, {"ema": prefixed}), variables)
+
+
+def test_converter_rejects_mismatched_config(shared_dir):
+  config, sd, arrays, model, variables = _load(shared_dir, "ddpmpp_vp_continuous_small")
+  wrong = ml_collections.ConfigDict(config.to_dict())
+  wrong.model.nf = 32
+  with pytest.raises(ValueError, match="shape mismatch"):
+    convert_torch_state_dict(wrong, sd)
+  missing = dict(sd)
+  missing.pop("all_modules.3.Conv_0.weight")
+  with pytest.raises(ValueError, match="missing"):
+    convert_torch_state_dict(config, missing)
+  extra = dict(sd)
+  extra["all_modules.99.weight"] = np.zeros(3, np.float32)
+  with pytest.raises(ValueError, match="unexpected"):
+    convert_torch_state_dict(config, extra)
+
+
+def test_export_inverts_convert(shared_dir):
+  config, sd, arrays, model, variables = _load(shared_dir, "ncsnpp_ve_continuous_small")
+  exported = convert_lib.export_torch_state_dict(config, variables)
+  for k, v in exported.items():
+    np.testing.assert_array_equal(v, sd[k])
+  assert set(sd) - set(exported) == {"sigmas"}
