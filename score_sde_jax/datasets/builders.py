@@ -8,7 +8,7 @@ result sits in `<data_dir>/mnist/3.0.1/` in the `array_record` format and is rea
 tfds 4.9.10 prepares a `GeneratorBasedBuilder` with `file_format='array_record'` without TensorFlow as long
 as no feature has to be encoded by TensorFlow: `tfds.features.Image` encodes numpy arrays with
 `tf.image.encode_png`, but takes already-encoded PNG bytes as they are. The builders here therefore hand
-it PNG bytes made with Pillow (lossless, so the decoded pixels are exactly the IDX pixels).
+it PNG bytes made here (lossless, so the decoded pixels are exactly the IDX pixels).
 
 The SHA-256 digests of the MNIST files (of the *decompressed* IDX bytes, as in the `SHA256SUMS` file that
 accompanies the local copy) are checked before anything is written.
@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import io
 import os
+import struct
+import zlib
 from typing import Iterator, Mapping
 
 import numpy as np
@@ -125,15 +126,32 @@ def verify_mnist_source(source_dir: str) -> None:
     load_mnist_arrays(source_dir, split)
 
 
-def png_bytes(image: np.ndarray) -> bytes:
-  """Lossless PNG encoding with Pillow of a uint8 [H, W] or [H, W, C] image (C in 1, 3, 4)."""
-  from PIL import Image  # pylint: disable=import-outside-toplevel
-  image = np.asarray(image, dtype=np.uint8)
-  if image.ndim == 3 and image.shape[-1] == 1:
-    image = image[..., 0]
-  buf = io.BytesIO()
-  Image.fromarray(image).save(buf, format="png", compress_level=1)
-  return buf.getvalue()
+_PNG_COLOR_TYPE = {1: 0, 3: 2, 4: 6}  # grey, RGB, RGBA
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+  return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def png_bytes(image: np.ndarray, level: int = 6) -> bytes:
+  """Lossless PNG of a uint8 [H, W] or [H, W, C] image (C in 1, 3, 4): 8-bit, no interlace, filter 0.
+
+  A direct encoder (zlib + CRC, ~10x faster than going through Pillow for small images); any PNG
+  decoder (Pillow in tfds, TensorFlow) reads the exact pixels back.
+  """
+  image = np.asarray(image)
+  if image.dtype != np.uint8:
+    raise ValueError(f"png_bytes needs uint8 pixels, got {image.dtype}")
+  if image.ndim == 2:
+    image = image[..., None]
+  h, w, c = image.shape
+  if c not in _PNG_COLOR_TYPE:
+    raise ValueError(f"png_bytes needs 1, 3 or 4 channels, got {c}")
+  rows = np.zeros((h, 1 + w * c), np.uint8)  # a leading filter-type byte 0 ("None") per row
+  rows[:, 1:] = image.reshape(h, w * c)
+  header = struct.pack(">IIBBBBB", w, h, 8, _PNG_COLOR_TYPE[c], 0, 0, 0)
+  return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header)
+          + _png_chunk(b"IDAT", zlib.compress(rows.tobytes(), level)) + _png_chunk(b"IEND", b""))
 
 
 def _mnist_base_class():

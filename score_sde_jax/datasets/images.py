@@ -18,6 +18,7 @@ every host runs `ceil(N / B)` batches, the positions past the end are zero-padde
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import math
 import os
@@ -292,15 +293,10 @@ class _ToySource:
   """A fixed sample of a toy distribution held in memory."""
 
   def __init__(self, config, train: bool, seed: int):
-    import jax  # pylint: disable=import-outside-toplevel
-    from score_sde_jax.datasets import toy  # pylint: disable=import-outside-toplevel
     if train:
-      n, key = int(config.data.num_train), jax.random.fold_in(jax.random.PRNGKey(seed), 0)
+      self.data = _toy_sample(config.data.dataset, int(config.data.num_train), int(seed), 0)
     else:
-      n, key = int(config.data.num_test), jax.random.fold_in(jax.random.PRNGKey(TOY_TEST_SEED), 1)
-    self.data = np.asarray(toy.get_toy_dataset(config.data.dataset).sample(key, n), dtype=np.float32)
-    if self.data.ndim == 1:
-      self.data = self.data[:, None]
+      self.data = _toy_sample(config.data.dataset, int(config.data.num_test), TOY_TEST_SEED, 1)
     self.num_examples = self.data.shape[0]
     self.shape = self.data.shape[1:]
 
@@ -309,6 +305,19 @@ class _ToySource:
 
 
 TOY_TEST_SEED = 20210101  # fixed seed of the held-out toy sample (independent of config.seed)
+
+
+@functools.lru_cache(maxsize=8)
+def _toy_sample(name: str, n: int, seed: int, tag: int) -> np.ndarray:
+  """`n` points of toy distribution `name` from key fold_in(PRNGKey(seed), tag); read-only, memoised."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from score_sde_jax.datasets import toy  # pylint: disable=import-outside-toplevel
+  key = jax.random.fold_in(jax.random.PRNGKey(seed), tag)
+  data = np.array(toy.get_toy_dataset(name).sample(key, n), dtype=np.float32)
+  if data.ndim == 1:
+    data = data[:, None]
+  data.setflags(write=False)
+  return data
 
 
 # ---------------------------------------------------------------------------------------------------------
