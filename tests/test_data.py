@@ -416,3 +416,47 @@ def test_toy_iterators():
     ev_p = datasets.get_eval_iterator(config, batch_size=64, process_index=p, process_count=2)
     parts += [x["image"][x["mask"]] for x in ev_p]
   assert sorted(map(tuple, np.concatenate(parts))) == sorted(map(tuple, test_pts))
+
+
+def test_training_pipeline_never_imports_tensorflow(mnist_data_dir):
+  """Reading, even where TensorFlow is installed, does not import it (fresh interpreter)."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  code = (
+      "import sys\n"
+      "from score_sde_jax import config_defaults, datasets\n"
+      "c = config_defaults.base_config(); c.data.dataset = 'MNIST'; c.data.image_size = 28\n"
+      "c.data.num_channels = 1; c.data.uniform_dequantization = True\n"
+      f"c.data.tfds_data_dir = {mnist_data_dir!r}; c.training.batch_size = 32\n"
+      "it = datasets.get_train_iterator(c, process_count=1); next(it); next(it)\n"
+      "ev = datasets.get_eval_iterator(c, batch_size=50, process_count=1); next(ev)\n"
+      "print('TF_IMPORTED' if 'tensorflow' in sys.modules else 'TF_FREE')\n")
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, capture_output=True, text=True,
+                       timeout=120, check=False)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.strip().splitlines()[-1] == "TF_FREE"
+
+
+def test_shipped_image_configs_map_to_datasets():
+  """Every image config under configs/ names a known dataset whose channels match."""
+  import glob  # pylint: disable=import-outside-toplevel
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  files = sorted(glob.glob(os.path.join(repo, "configs", "**", "*.py"), recursive=True))
+  checked = 0
+  for path in files:
+    spec = importlib.util.spec_from_file_location("cfg_" + str(abs(hash(path))), path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+      continue
+    config = module.get_config()
+    if config.data.dataset in config_defaults.TOY_DATASETS:
+      continue
+    ds = images._spec(config)  # pylint: disable=protected-access
+    assert config.data.num_channels == ds.num_channels, path
+    checked += 1
+  if not checked:
+    pytest.skip("no image configs found")
