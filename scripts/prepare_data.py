@@ -70,7 +70,7 @@ def main(argv=None) -> int:
   except ModuleNotFoundError as e:
     print(f"error: preparing {name} with tfds needs the module {e.name!r}, which is not installed. tfds' "
           f"standard preparation needs TensorFlow (image encoding) and importlib_resources: install them "
-          f"for this step only (`pip install tensorflow importlib_resources`); training then reads the "
+          f"for this step only (`pip install 'score_sde_jax[prepare]'`); training then reads the "
           f"array_record files without them.", file=sys.stderr)
     return 1
   print(f"{name} ready in {builder.data_dir} ({time.time() - start:.1f} s)")

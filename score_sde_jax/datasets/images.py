@@ -165,7 +165,7 @@ def _prepare_hint(config, data_dir: str) -> str:
             f"$SCORE_SDE_MNIST_DIR or ../shared/data/mnist, without TensorFlow; with no local files it "
             f"downloads them from tfds' mirror).")
   return (f"Prepare it with `{cmd}` (the standard tfds download and preparation, written as array_record; "
-          f"tfds needs TensorFlow for that step only: `pip install tensorflow`), or "
+          f"tfds needs TensorFlow for that step only: `pip install 'score_sde_jax[prepare]'`), or "
           f"`tfds build {_spec(config).tfds_name} --data_dir {data_dir} --file_format=array_record`.")
 
 
