@@ -240,9 +240,9 @@ class Ffhq(tfds.core.GeneratorBasedBuilder):
                    if f.lower().endswith((".png", ".jpg", ".jpeg")))
     if not files:
       raise FileNotFoundError(f"No FFHQ images found under {root!r}. {self.MANUAL_DOWNLOAD_INSTRUCTIONS}")
-    return {"train": self._generate_examples(files)}
+    return {"train": self._generate_examples(root, files)}
 
-  def _generate_examples(self, files):  # pytype: disable=signature-mismatch
+  def _generate_examples(self, root, files):  # pytype: disable=signature-mismatch
     from PIL import Image  # pylint: disable=import-outside-toplevel
     r = int(self.builder_config.name)
     for path in files:
@@ -250,7 +250,8 @@ class Ffhq(tfds.core.GeneratorBasedBuilder):
         im = im.convert("RGB")
         if im.size != (r, r):
           im = im.resize((r, r), Image.BOX)
-        yield os.path.basename(path), {"image": png_bytes(np.asarray(im)), "image/filename": os.path.basename(path)}
+        key = os.path.relpath(path, root)
+        yield key, {"image": png_bytes(np.asarray(im)), "image/filename": key}
 
 
 def default_mnist_source_dir() -> str | None:
