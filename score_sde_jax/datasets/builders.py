@@ -185,7 +185,6 @@ class LocalMNIST(_mnist_base_class(), skip_registration=True):
       source_dir = self._source_dir
     else:
       paths = dl_manager.download({s: MNIST_URL + s + ".gz" for s in MNIST_FILES.values()})
-      source_dir = os.path.dirname(os.fspath(next(iter(paths.values()))))
       # The download manager names files by URL hash; link them under their usual names.
       staged = os.path.join(os.fspath(dl_manager.download_dir), "mnist_idx")
       os.makedirs(staged, exist_ok=True)

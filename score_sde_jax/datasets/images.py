@@ -187,8 +187,17 @@ def _open_source(config, split: str):
     if source_dir is not None:
       prepare_mnist(source_dir, data_dir)  # raises MnistDataError with instructions on bad files
       return open_()
-    raise DataError(f"MNIST is not prepared in the tfds data dir {data_dir!r} and no local MNIST files were "
-                    f"found. {_prepare_hint(config, data_dir)}") from error
+    # No local copy: fetch the standard files (tfds' mirror, as tfds' own `mnist` does) and build the
+    # same dataset, verified against the standard digests.
+    try:
+      prepare_mnist(None, data_dir, download=True)
+    except MnistDataError:
+      raise
+    except Exception as download_error:  # pylint: disable=broad-except
+      raise DataError(f"MNIST is not prepared in the tfds data dir {data_dir!r}, no local MNIST files were "
+                      f"found and downloading them failed ({type(download_error).__name__}: "
+                      f"{download_error}). {_prepare_hint(config, data_dir)}") from download_error
+    return open_()
   try:
     builder = tfds.builder(spec.tfds_name, data_dir=data_dir)
     prepared = builder.is_prepared()
