@@ -526,3 +526,19 @@ def test_mnist_without_local_files_uses_download(mnist_source, tmp_path, monkeyp
   monkeypatch.setattr(images, "default_mnist_source_dir", lambda: None)
   with pytest.raises(datasets.DataError, match="downloading them failed.*no network.*prepare_data.py"):
     datasets.get_train_iterator(mnist_config_for(str(tmp_path / "tfds2")), process_count=1)
+
+
+def test_png_encoder_and_decoder_round_trip():
+  """builders.png_bytes writes PNGs Pillow reads exactly; images.decode_image reads ours (fast path) and
+  Pillow's (filtered rows, fallback) exactly."""
+  import io  # pylint: disable=import-outside-toplevel
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(1)
+  for shape in [(28, 28, 1), (32, 17, 3), (5, 9, 4)]:
+    a = rng.integers(0, 256, shape, dtype=np.uint8)
+    ours = builders.png_bytes(a)
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(ours))).reshape(shape), a)
+    np.testing.assert_array_equal(images.decode_image(ours).reshape(shape), a)
+    buf = io.BytesIO()
+    Image.fromarray(a[..., 0] if shape[-1] == 1 else a).save(buf, format="png")
+    np.testing.assert_array_equal(images.decode_image(buf.getvalue()).reshape(shape), a)
