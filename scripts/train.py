@@ -13,7 +13,7 @@ Exit status: 0 when training finished, 2 for config/data errors, 3 when the loss
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
@@ -29,6 +29,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)   # orbax logs every save at INFO
   from score_sde_jax.train import parallel
   parallel.maybe_initialize_distributed(True if FLAGS.multihost else None)
   import jax

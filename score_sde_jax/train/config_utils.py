@@ -56,7 +56,15 @@ def schema() -> Dict[str, Any]:
     for name in getattr(config_defaults, "TOY_DATASETS", ("ring8",)):
       for k, v in flatten(config_defaults.toy_config(sde, name)).items():
         keys.setdefault(k, v)
-  for name in dir(config_defaults):   # further default builders added later (e.g. image models)
+  try:   # image datasets and models (NCSN++ / DDPM++ / DDPM / NCSN fields)
+    from score_sde_jax import image_configs
+    for fn in ("cifar10_config", "mnist_config", "lsun_config", "ffhq_config", "celeba_config"):
+      if hasattr(image_configs, fn):
+        for k, v in flatten(getattr(image_configs, fn)()).items():
+          keys.setdefault(k, v)
+  except ImportError:  # pragma: no cover
+    pass
+  for name in dir(config_defaults):   # further default builders added later
     fn = getattr(config_defaults, name)
     if (name.endswith("_config") or name.endswith("_defaults")) and callable(fn) and \
         name not in ("base_config", "toy_config"):
