@@ -6,11 +6,13 @@ per-batch work in threads and prefetches. Datasets must be prepared in the `arra
 
 Determinism and resumption. The training stream of a run is a function of the seed only: global position
 `j` (0, 1, 2, ... over all hosts) holds example `perm_e[j mod N]` of epoch `e = j // N`, with `perm_e` a
-permutation drawn from `(seed, e)`; the random flip and the dequantisation noise of position `j` are
-counter-based random numbers (SplitMix64) of `(seed, j)`. Global batch `k` is positions `[kB, (k+1)B)` and host `p`
-of `P` takes positions `[kB + pB/P, kB + (p+1)B/P)`. So the iterator state is just the next step
-(`get_state()` -> small JSON dict), a resumed run sees exactly the batches it would have seen, and the
-hosts' batches put side by side are the single-host global batch (also after changing the host count).
+permutation drawn from `(seed, e)` (argsort of SplitMix64 keys); the random flip and the dequantisation
+noise of position `j` are counter-based random numbers (SplitMix64) of `(seed, j)`. Global batch `k` is
+positions `[kB, (k+1)B)` and host `p` of `P` takes positions `[kB + pB/P, kB + (p+1)B/P)`. So the iterator
+state is just the next step (`get_state()` -> small JSON dict), a resumed run sees exactly the batches it
+would have seen, and the hosts' batches put side by side are the single-host global batch (also after
+changing the host count). Only integer numpy arithmetic is involved, so the stream does not depend on the
+numpy version either.
 
 Evaluation visits each example of a split exactly once, in record order, with the same host layout;
 every host runs `ceil(N / B)` batches, the positions past the end are zero-padded with `mask=False`.
@@ -417,7 +419,10 @@ class _Permutations:
     with self._lock:
       perm = self._perms.get(epoch)
       if perm is None:
-        perm = np.random.default_rng([self.seed, int(epoch), 0x5EED]).permutation(self.n)
+        # argsort of SplitMix64 keys: the same permutation with any numpy version (no Generator
+        # stream-compatibility caveat), so a run resumes identically after an upgrade.
+        keys = _uniform_bits(self.seed ^ 0x5EED5EED5EED5EED, np.array([epoch], np.int64), self.n)[0]
+        perm = np.argsort(keys, kind="stable")
         self._perms[epoch] = perm
         for e in sorted(self._perms)[:-3]:
           del self._perms[e]
@@ -444,14 +449,18 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
   return x ^ (x >> np.uint64(31))
 
 
-def _uniforms(seed: int, positions: np.ndarray, n: int) -> np.ndarray:
-  """float32 [len(positions), n] in [0, 1): element i of position j is output number j*(n+1)+i+1 of the
-  SplitMix64 generator seeded with `seed` (counter-based, so any host can compute any position's numbers)."""
+def _uniform_bits(seed: int, positions: np.ndarray, n: int) -> np.ndarray:
+  """uint64 [len(positions), n]: element i of position j is output number j*(n+1)+i+1 of the SplitMix64
+  generator seeded with `seed` (counter-based, so any host can compute any position's numbers)."""
   base = _splitmix64(np.array([_u64(seed)], dtype=np.uint64))
-  counters = (positions.astype(np.uint64)[:, None] * np.uint64(n + 1) + np.arange(1, n + 1, dtype=np.uint64))
   with np.errstate(over="ignore"):
-    z = _splitmix64(base + counters * _GAMMA)
-  return (z >> np.uint64(40)).astype(np.float32) * np.float32(2.0**-24)
+    counters = (positions.astype(np.uint64)[:, None] * np.uint64(n + 1) + np.arange(1, n + 1, dtype=np.uint64))
+    return _splitmix64(base + counters * _GAMMA)
+
+
+def _uniforms(seed: int, positions: np.ndarray, n: int) -> np.ndarray:
+  """float32 [len(positions), n] in [0, 1) from the top 24 bits of `_uniform_bits`."""
+  return (_uniform_bits(seed, positions, n) >> np.uint64(40)).astype(np.float32) * np.float32(2.0**-24)
 
 
 def _augment(images_u8: np.ndarray, positions: np.ndarray, seed: int, flip: bool, dequantize: bool):
@@ -462,8 +471,12 @@ def _augment(images_u8: np.ndarray, positions: np.ndarray, seed: int, flip: bool
     do_flip = _uniforms(_u64(seed) ^ 0x1F11F11F11F11F11, positions, 1)[:, 0] < 0.5
     x = np.where(do_flip[:, None, None, None], x[:, :, ::-1], x)
   if dequantize:
-    # Stream 2: H*W*C numbers per position.
-    noise = _uniforms(_u64(seed) ^ 0x2DE9A2DE9A2DE9A2, positions, int(np.prod(x.shape[1:])))
+    # Stream 2: H*W*C numbers per position. u is on a 2**-16 grid so that x + u (x <= 255) and the
+    # division by 256 are exact in float32: the result lies in [x/256, (x+1)/256), strictly below 1.
+    # (With a 24-bit u, x + u rounds up to x + 1 in float32 when u is within 2**-17 of 1: the value
+    # leaves its bin, and x = 255 gives exactly 1.0.)
+    bits = _uniform_bits(_u64(seed) ^ 0x2DE9A2DE9A2DE9A2, positions, int(np.prod(x.shape[1:])))
+    noise = (bits >> np.uint64(48)).astype(np.float32) * np.float32(2.0**-16)
     return (x.astype(np.float32) + noise.reshape(x.shape)) / np.float32(256.0)
   return x.astype(np.float32) / np.float32(255.0)
 
