@@ -204,7 +204,16 @@ class LocalMNIST(_mnist_base_class(), skip_registration=True):
       yield index, {"image": png_bytes(images[index]), "label": int(labels[index])}
 
 
-class Ffhq(tfds.core.GeneratorBasedBuilder):
+def _tfds_has(name: str) -> bool:
+  try:
+    tfds.builder_cls(name)
+    return True
+  except Exception:  # pylint: disable=broad-except
+    return False
+
+
+# Registered as tfds 'ffhq' unless a tfds version brings its own (then that one is used).
+class Ffhq(tfds.core.GeneratorBasedBuilder, skip_registration=_tfds_has("ffhq")):
   """FFHQ (Karras et al. 2019) at one resolution per config, from a manually downloaded folder of images.
 
   Not in the tfds catalogue. Put the 70,000 PNG images (any sub-folder layout; e.g. the official
