@@ -221,7 +221,8 @@ def test_dequantization_stays_in_its_bin():
   """(x + u) / 256 is exact in float32: floor(256 * value) == x and value < 1, also for x = 255."""
   x = np.full((64, 32, 32, 3), 255, np.uint8)
   x[::2] = 0
-  out = images._augment(x, np.arange(64, dtype=np.int64), seed=3, flip=False, dequantize=True)  # pylint: disable=protected-access
+  augment = images._augment  # pylint: disable=protected-access
+  out = augment(x, np.arange(64, dtype=np.int64), seed=3, flip=False, dequantize=True)
   assert out.dtype == np.float32 and out.max() < 1.0
   np.testing.assert_array_equal(np.floor(out * 256.0), x)
   frac = out * 256.0 - x

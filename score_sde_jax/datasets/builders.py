@@ -197,7 +197,7 @@ class LocalMNIST(_mnist_base_class(), skip_registration=True):
     verify_mnist_source(source_dir)
     return {split: self._generate_examples(source_dir=source_dir, split=split) for split in ("train", "test")}
 
-  def _generate_examples(self, source_dir: str, split: str) -> Iterator[tuple[int, Mapping]]:  # pytype: disable=signature-mismatch
+  def _generate_examples(self, source_dir: str, split: str) -> Iterator[tuple[int, Mapping]]:
     images, labels = load_mnist_arrays(source_dir, split)
     # Same keys as tfds' own builder (the example index), hence the same shuffled record order.
     for index in range(images.shape[0]):
