@@ -556,3 +556,18 @@ def test_png_encoder_and_decoder_round_trip():
     buf = io.BytesIO()
     Image.fromarray(a[..., 0] if shape[-1] == 1 else a).save(buf, format="png")
     np.testing.assert_array_equal(images.decode_image(buf.getvalue()).reshape(shape), a)
+
+
+def test_prefetch_overlaps_loading_with_compute():
+  """Batches are produced in background threads while the consumer works (sleep-based, load-tolerant)."""
+  import time  # pylint: disable=import-outside-toplevel
+  seq = images._BatchSequence(lambda s: (time.sleep(0.05), s)[1], 1 << 62)  # pylint: disable=protected-access
+  it = images._grain_iter(seq, num_threads=2, prefetch=4)  # pylint: disable=protected-access
+  assert next(it) == 0
+  start = time.time()
+  got = []
+  for _ in range(20):
+    got.append(next(it))
+    time.sleep(0.05)  # "train step"
+  assert got == list(range(1, 21))
+  assert time.time() - start < 1.6  # serial would take 2.0 s
