@@ -80,9 +80,9 @@ def get_scalers(config):
   return ds.get_data_scaler(config), ds.get_data_inverse_scaler(config)
 
 
-def open_train_iterator(config, batch_size: int, mesh=None):
-  """This host's training iterator (its shard of every global batch), with a clear error when the data
-  is missing."""
+def open_train_iterator(config, batch_size: int):
+  """This host's training iterator (its 1/process_count share of every global batch of `batch_size`),
+  with a clear error when the data is missing."""
   ds = _datasets()
   try:
     return ds.get_train_iterator(config, batch_size=batch_size, seed=int(config.seed),
@@ -93,6 +93,7 @@ def open_train_iterator(config, batch_size: int, mesh=None):
 
 
 def open_eval_iterator(config, batch_size: int, split: str = "test"):
+  """This host's share of the evaluation split, in global batches of `batch_size` (padded, 'mask')."""
   ds = _datasets()
   return ds.get_eval_iterator(config, split, batch_size=batch_size, process_index=jax.process_index(),
                               process_count=jax.process_count())
@@ -165,7 +166,7 @@ def train(config, workdir: str, *, devices: Optional[Sequence] = None, force_res
   diffs = config_utils.check_resume_config(workdir, config, force=force_resume)
   for k, a, b in diffs:
     report(f"WARNING (--force_resume): {k} changed from {a!r} to {b!r}")
-  train_iter = open_train_iterator(config, host_batch)
+  train_iter = open_train_iterator(config, global_batch)
   scaler, inverse_scaler = get_scalers(config)
   if process0:
     config_utils.save_config(workdir, config)
@@ -183,6 +184,10 @@ def train(config, workdir: str, *, devices: Optional[Sequence] = None, force_res
   model = models_lib.get_model(config)
   tx, lr_fn = state_lib.get_optimizer(config)
   first = next(train_iter)
+  if np.asarray(first["image"]).shape[0] != host_batch:
+    raise DataError(f"the training iterator yields batches of {np.asarray(first['image']).shape[0]} "
+                    f"examples on this host; expected {host_batch} (global batch {global_batch} over "
+                    f"{jax.process_count()} host(s)).")
   data_shape = tuple(np.asarray(first["image"]).shape[1:])
   rep = parallel.replicated(mesh)
   bsh = parallel.batch_sharding(mesh)
@@ -333,9 +338,8 @@ def train(config, workdir: str, *, devices: Optional[Sequence] = None, force_res
 
   def eval_loss(step: int) -> Optional[float]:
     ebs = int(config.eval.batch_size)
-    host_ebs = parallel.local_batch_size(ebs, mesh)
     try:
-      it = open_eval_iterator(config, host_ebs)
+      it = open_eval_iterator(config, ebs)
     except Exception as e:  # noqa: BLE001
       say(f"step {step}: no evaluation data ({type(e).__name__}: {e}); eval loss skipped")
       return None
