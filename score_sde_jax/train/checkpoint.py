@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from typing import Any, Callable, List, Optional, Tuple
 
 import jax
@@ -64,12 +65,16 @@ class Checkpointer:
                      report: Callable[[str], None] = print):
     """(step, state, data_states) of the newest checkpoint that restores (and passes `check`), or
     None when there is none.  Unreadable checkpoints are skipped with a message (`report`) naming the
-    step and the error; they are recorded in `self.skipped`."""
+    step and the error; they are recorded in `self.skipped` and, once an older one restored, moved to
+    `<workdir>/checkpoints_unreadable/` (kept for inspection) so that training can write those steps
+    again."""
     for step in reversed(self.all_steps()):
       try:
         state, data = self.restore(step, abstract_state)
         if check is not None:
           check(state)
+        if self.skipped:
+          self._quarantine([s for s, _ in self.skipped], report)
         return step, state, data
       except Exception as e:  # noqa: BLE001  (any read/decode failure means: try the previous one)
         reason = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
@@ -77,6 +82,21 @@ class Checkpointer:
         report(f"WARNING: skipping checkpoint {os.path.join(self.directory, str(step))} "
                f"(step {step}): it could not be restored ({reason}); trying the previous one.")
     return None
+
+  def _quarantine(self, steps, report) -> None:
+    dest_root = os.path.join(os.path.dirname(self.directory), "checkpoints_unreadable")
+    if jax.process_index() == 0:
+      os.makedirs(dest_root, exist_ok=True)
+      for step in steps:
+        src = os.path.join(self.directory, str(step))
+        if os.path.isdir(src):
+          dest = os.path.join(dest_root, f"{step}.{int(time.time())}")
+          os.replace(src, dest)
+          report(f"Moved the unreadable checkpoint of step {step} to {dest}.")
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("score_sde_jax quarantine checkpoints")
+    self.manager.reload()
 
   def close(self) -> None:
     self.manager.wait_until_finished()
