@@ -146,8 +146,11 @@ def _flax_to_torch_array(a: np.ndarray, kind: str) -> np.ndarray:
 
 def torch_name_map(config):
   """{flax param path: (torch key, layout kind, flax shape)} for `get_model(config)`."""
-  shapes, order = param_shapes_and_order(config)
   name = str(config.model.name).lower()
+  if name not in _LIST_FAMILY + _ATTR_FAMILY:
+    raise ValueError(f"no PyTorch conversion for model.name {config.model.name!r}; supported: "
+                     f"{_LIST_FAMILY + _ATTR_FAMILY}.")
+  shapes, order = param_shapes_and_order(config)
   flat = _flatten(shapes)
   mapping = {}
   if name in _LIST_FAMILY:
