@@ -45,3 +45,20 @@ def test_mnist_steps_checkpoint_and_resume(tmp_path, shared_dir, monkeypatch):
   assert r2.resumed_from == 2 and r2.step == 3
   leaf = jax.tree_util.tree_leaves(r2.state.params)[0]
   assert leaf.dtype == np.float32
+
+
+def test_bfloat16_compute_keeps_fp32_params_loss_and_optimiser(tmp_path):
+  from score_sde_jax import models, sde as sde_lib
+  c = tiny_mnist_config(tmp_path / "tfds")
+  c.model.dtype = "bfloat16"
+  model = models.get_model(c)
+  sde = sde_lib.sde_from_config(c)
+  state = jax.jit(lambda k: train_lib.create_train_state(c, model, k, (8, 28, 28, 1)))(
+      jax.random.PRNGKey(0))
+  step = jax.jit(train_lib.make_train_step(c, sde, model))
+  x = np.random.RandomState(0).rand(8, 28, 28, 1).astype(np.float32)
+  new, metrics = step(state, {"image": x})
+  assert metrics["loss"].dtype == np.float32 and np.isfinite(float(metrics["loss"]))
+  floats = [l for l in jax.tree_util.tree_leaves((new.params, new.ema_params, new.opt_state))
+            if np.issubdtype(l.dtype, np.floating)]
+  assert floats and all(l.dtype == np.float32 for l in floats)

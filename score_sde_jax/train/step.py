@@ -27,6 +27,18 @@ def _scale_batch(batch, scaler):
   return {"image": image}
 
 
+def fp32_apply(apply_fn: Callable) -> Callable:
+  """`apply_fn` whose floating outputs are cast to float32: with `model.dtype='bfloat16'` the network
+  computes in bf16, but the loss, its gradient and the optimiser see float32."""
+
+  def wrapped(*args, **kwargs):
+    out = apply_fn(*args, **kwargs)
+    return jax.tree_util.tree_map(
+        lambda o: o.astype(jnp.float32) if jnp.issubdtype(o.dtype, jnp.floating) else o, out)
+
+  return wrapped
+
+
 def make_train_step(config, sde, model, tx=None, lr_fn=None, scaler=None, loss_fn=None) -> Callable:
   """The training step for `config`: the loss of `score_sde_jax.losses.get_loss_fn` (or `loss_fn`),
   its gradient, the optax update (clipping, warm-up Adam), and the EMA update at model.ema_rate.
@@ -38,7 +50,7 @@ def make_train_step(config, sde, model, tx=None, lr_fn=None, scaler=None, loss_f
   if tx is None or lr_fn is None:
     tx, lr_fn = state_lib.get_optimizer(config)
   if loss_fn is None:
-    loss_fn = losses_lib.get_loss_fn(sde, model.apply, config, train=True)
+    loss_fn = losses_lib.get_loss_fn(sde, fp32_apply(model.apply), config, train=True)
   ema_rate = float(config.model.ema_rate)
 
   def train_step(state: state_lib.TrainState, batch, key=None) -> Tuple[state_lib.TrainState, Metrics]:
@@ -79,7 +91,7 @@ def make_eval_step(config, sde, model, scaler=None) -> Callable:
   """`eval_step(params, batch, key) -> (sum of per-example losses over valid rows, number of valid
   rows)`, with the training objective in evaluation mode (no dropout); `batch['mask']` marks the
   valid (non-padding) rows."""
-  losses_fn = losses_lib.get_per_example_loss_fn(sde, model.apply, config, train=False)
+  losses_fn = losses_lib.get_per_example_loss_fn(sde, fp32_apply(model.apply), config, train=False)
 
   def eval_step(params, batch, key):
     scaled = _scale_batch(batch, scaler)
