@@ -106,8 +106,13 @@ class Checkpointer:
 def check_finite_state(state) -> None:
   """Raises ValueError when any floating leaf of a restored state is NaN/Inf."""
   for leaf in jax.tree_util.tree_leaves(state):
-    a = np.asarray(leaf) if not isinstance(leaf, jax.Array) or leaf.is_fully_addressable else None
-    if a is not None and np.issubdtype(a.dtype, np.floating) and not np.all(np.isfinite(a)):
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+      if not leaf.is_fully_replicated:
+        continue
+      a = np.asarray(leaf.addressable_data(0))
+    else:
+      a = np.asarray(leaf)
+    if np.issubdtype(a.dtype, np.floating) and not np.all(np.isfinite(a)):
       raise ValueError("restored state contains NaN/Inf values")
 
 

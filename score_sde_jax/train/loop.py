@@ -213,7 +213,7 @@ def train(config, workdir: str, *, devices: Optional[Sequence] = None, force_res
   else:
     state = create(init_key)
     # `first` is the batch of step 1; a run restored from a step-0 checkpoint refetches it.
-  start_step = int(jax.device_get(state.step))
+  start_step = int(parallel.to_host(state.step))
 
   train_step = step_lib.make_train_step(config, sde, model, tx, lr_fn, scaler=scaler)
   # Donating the old state halves its memory on accelerators (orbax copies a state to host memory
@@ -241,7 +241,7 @@ def train(config, workdir: str, *, devices: Optional[Sequence] = None, force_res
     """Fetches pending metrics; raises NonFiniteLossError naming the first bad step; logs."""
     if not pending:
       return
-    fetched = jax.device_get([m for _, m, _ in pending])
+    fetched = parallel.tree_to_host([m for _, m, _ in pending])
     rows = []
     for (s0, _, n), m in zip(pending, fetched):
       for i in range(n):
@@ -324,7 +324,7 @@ def train(config, workdir: str, *, devices: Optional[Sequence] = None, force_res
       else:
         path = os.path.join(sample_dir, f"samples_{step:08d}.png")
         plotting.save_image_grid(x, path)
-      say(f"step {step}: {len(x)} samples (NFE {int(nfe)}) -> {path}")
+      say(f"step {step}: {len(x)} samples (NFE {int(parallel.to_host(nfe))}) -> {path}")
     return x
 
   def score_field_fn():
@@ -352,8 +352,8 @@ def train(config, workdir: str, *, devices: Optional[Sequence] = None, force_res
       batch = {"image": parallel.host_to_global(np.asarray(b["image"], np.float32), bsh),
                "mask": parallel.host_to_global(np.asarray(b["mask"], bool), bsh)}
       s, c = snap_fns["eval"](state.ema_params, batch, jax.device_put(jax.random.fold_in(key0, i), rep))
-      total += float(s)
-      count += float(c)
+      total += float(parallel.to_host(s))
+      count += float(parallel.to_host(c))
       if is_toy(config) and sum(len(k) for k in keep) < 4096:
         keep.append(np.asarray(b["image"])[np.asarray(b["mask"], bool)])
     if keep:

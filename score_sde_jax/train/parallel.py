@@ -75,8 +75,15 @@ def replicate(tree, mesh: Mesh):
 
 
 def to_host(x) -> np.ndarray:
-  """A fully replicated (or fully addressable) array as a numpy array on this host."""
+  """A jax array as a numpy array on this host: directly when this host holds all of it, from a local
+  replica when it is replicated across hosts, else gathered from all hosts (every host must call)."""
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    if x.is_fully_replicated:
+      return np.asarray(x.addressable_data(0))
     from jax.experimental import multihost_utils
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(x)
+
+
+def tree_to_host(tree):
+  return jax.tree_util.tree_map(to_host, tree)

@@ -44,7 +44,8 @@ def toy_report(config, workdir: str, state, samples=None, report=print) -> Dict[
   sde = sde_lib.sde_from_config(config)
   model = models_lib.get_model(config)
   scaler, inverse_scaler = loop.get_scalers(config)
-  params = jax.device_get(state.ema_params)
+  from score_sde_jax.train import parallel
+  params = parallel.tree_to_host(state.ema_params)
   continuous = bool(config.training.continuous)
   x_test = _test_data(config)
   dim = int(np.prod(x_test.shape[1:]))
