@@ -20,7 +20,7 @@ def _plt():
 
 def image_grid(images, nrow: Optional[int] = None, padding: int = 2) -> np.ndarray:
   """[N, H, W, C] images in [0, 1] → one uint8 grid image [H', W', C] (C = 1 or 3)."""
-  x = np.clip(np.asarray(images, np.float32), 0.0, 1.0)
+  x = np.clip(np.nan_to_num(np.asarray(images, np.float32), nan=0.0), 0.0, 1.0)
   if x.ndim == 3:
     x = x[..., None]
   n, h, w, c = x.shape

@@ -131,6 +131,22 @@ def test_n_jitted_steps_match_single_steps():
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_loop_with_n_jitted_steps_matches_single_steps(tmp_path):
+  c = tiny_config(n_iters=12)
+  c.training.log_freq = 4
+  c.training.snapshot_freq = 12
+  r1 = train_lib.train(c, str(tmp_path / "a"), devices=jax.devices()[:1], progress=False,
+                       keep_history=True, report=lambda *_: None)
+  c.training.n_jitted_steps = 4
+  r4 = train_lib.train(c, str(tmp_path / "b"), devices=jax.devices()[:1], progress=False,
+                       keep_history=True, report=lambda *_: None)
+  assert [h["step"] for h in r4.history] == list(range(1, 13))
+  np.testing.assert_allclose([h["loss"] for h in r4.history], [h["loss"] for h in r1.history],
+                             rtol=1e-5)
+  for a, b in zip(jax.tree_util.tree_leaves(r4.state.params), jax.tree_util.tree_leaves(r1.state.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Devices
 

@@ -166,6 +166,9 @@ def train(config, workdir: str, *, devices: Optional[Sequence] = None, force_res
   diffs = config_utils.check_resume_config(workdir, config, force=force_resume)
   for k, a, b in diffs:
     report(f"WARNING (--force_resume): {k} changed from {a!r} to {b!r}")
+  if diffs and process0:   # keep the config the earlier steps were trained with
+    old = os.path.join(workdir, config_utils.CONFIG_FILE)
+    os.replace(old, os.path.join(workdir, f"config.superseded.{int(time.time())}.json"))
   train_iter = open_train_iterator(config, global_batch)
   scaler, inverse_scaler = get_scalers(config)
   if process0:
