@@ -35,6 +35,8 @@ def main(argv):
   import jax
   from score_sde_jax import train as train_lib
 
+  import time
+  t0 = time.time()
   config = FLAGS.config
   try:
     result = train_lib.train(config, FLAGS.workdir, force_resume=FLAGS.force_resume,
@@ -49,10 +51,14 @@ def main(argv):
     sys.exit(128 + int(result.signal or 15))
   outputs = [f"checkpoints: {result.checkpoint_dir}", f"TensorBoard logs: {result.log_dir}",
              f"samples: {result.sample_dir}"]
+  t1 = time.time()
+  timing = f"wall time: training {t1 - t0:.1f}s (compilation, snapshots and checkpoints included)"
   if train_lib.is_toy(config) and FLAGS.toy_report and jax.process_index() == 0:
     from score_sde_jax.train import toy_report
     toy_report.toy_report(config, FLAGS.workdir, result.state, samples=result.last_samples)
+    timing += f", samples + pictures + test NLL {time.time() - t1:.1f}s"
   if jax.process_index() == 0:
+    print(timing.capitalize() + ".")
     print("Everything is in " + os.path.abspath(FLAGS.workdir) + ": " + "; ".join(outputs))
 
 
