@@ -163,7 +163,11 @@ def train(config, workdir: str, *, devices: Optional[Sequence] = None, force_res
   global_batch = int(t_cfg.batch_size)
   host_batch = parallel.local_batch_size(global_batch, mesh)
   os.makedirs(workdir, exist_ok=True)
-  diffs = config_utils.check_resume_config(workdir, config, force=force_resume)
+  ckpt_dir = ckpt_lib.checkpoint_dir(workdir)
+  has_checkpoints = os.path.isdir(ckpt_dir) and any(n.isdigit() for n in os.listdir(ckpt_dir))
+  # A workdir without checkpoints has nothing to protect: its config is simply replaced.
+  diffs = (config_utils.check_resume_config(workdir, config, force=force_resume)
+           if has_checkpoints else [])
   for k, a, b in diffs:
     report(f"WARNING (--force_resume): {k} changed from {a!r} to {b!r}")
   if diffs and process0:   # keep the config the earlier steps were trained with
@@ -174,7 +178,6 @@ def train(config, workdir: str, *, devices: Optional[Sequence] = None, force_res
   if process0:
     config_utils.save_config(workdir, config)
 
-  ckpt_dir = ckpt_lib.checkpoint_dir(workdir)
   log_dir = os.path.join(workdir, "logs")
   sample_dir = os.path.join(workdir, "samples")
   writer = metric_writer.MetricWriter(log_dir, enabled=process0)
