@@ -363,6 +363,7 @@ def test_logs_snapshots_and_final_message(tmp_path):
   c = tiny_config(n_iters=10)
   c.training.snapshot_freq = 10
   c.training.snapshot_sampling = True
+  c.training.eval_freq = 5
   c.eval.enable_loss = True
   c.sampling.method = "pc"
   c.sampling.corrector = "none"
@@ -373,7 +374,9 @@ def test_logs_snapshots_and_final_message(tmp_path):
   assert len(events) == 1
   scalars = metric_writer.read_scalars(os.path.join(r.log_dir, events[0]))
   tags = {t for _, t, _ in scalars}
-  assert {"train/loss", "train/lr", "train/grad_norm", "train/steps_per_sec", "eval/loss"} <= tags
+  assert {"train/loss", "train/lr", "train/grad_norm", "train/steps_per_sec", "eval/loss",
+          "eval/batch_loss"} <= tags
+  assert sorted(s for s, t, _ in scalars if t == "eval/batch_loss") == [5, 10]
   assert os.path.exists(os.path.join(r.sample_dir, "samples_00000010.png"))
   assert os.path.exists(os.path.join(r.sample_dir, "score_field_00000010.png"))
   assert r.last_samples.shape == (16, 2)

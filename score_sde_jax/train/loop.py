@@ -366,6 +366,38 @@ def train(config, workdir: str, *, devices: Optional[Sequence] = None, force_res
       snap_fns["eval_data"] = np.concatenate(keep)
     return total / max(count, 1.0)
 
+  def batch_eval_loss(step: int) -> None:
+    """Every `training.eval_freq` steps, as the official code: the loss of the current (not EMA)
+    parameters on one test batch (cycling through the split), logged as eval/batch_loss."""
+    it = snap_fns.get("eval_iter")
+    b = None
+    for _ in range(2):
+      if it is None:
+        try:
+          it = iter(open_eval_iterator(config, int(config.eval.batch_size)))
+        except Exception:  # noqa: BLE001  (no test data: the snapshot says so)
+          snap_fns["no_eval_data"] = True
+          return
+      b = next(it, None)
+      if b is not None:
+        break
+      it = None
+    snap_fns["eval_iter"] = it
+    if b is None:
+      return
+    if "eval" not in snap_fns:
+      snap_fns["eval"] = jax.jit(step_lib.make_eval_step(config, sde, model, scaler=scaler),
+                                 in_shardings=(rep, bsh, rep), out_shardings=(rep, rep))
+    batch = {"image": parallel.host_to_global(np.asarray(b["image"], np.float32), bsh),
+             "mask": parallel.host_to_global(np.asarray(b["mask"], bool), bsh)}
+    key = jax.random.fold_in(jax.random.PRNGKey(int(config.seed) + 5), step)
+    s_, c_ = snap_fns["eval"](state.params, batch, jax.device_put(key, rep))
+    loss = float(parallel.to_host(s_)) / max(float(parallel.to_host(c_)), 1.0)
+    writer.write_scalars(step, {"eval/batch_loss": loss})
+
+  eval_freq = int(t_cfg.get("eval_freq", 0) or 0)
+  do_batch_eval = eval_freq > 0 and bool(config.eval.get("enable_loss", True))
+
   # ---- the loop -----------------------------------------------------------------------------------
   catcher = _SignalCatcher(handle_signals)
   step = start_step
@@ -396,6 +428,9 @@ def train(config, workdir: str, *, devices: Optional[Sequence] = None, force_res
         on_step(step)
       if step % int(t_cfg.log_freq) == 0:
         flush()
+      if do_batch_eval and (step - n) // eval_freq != step // eval_freq and \
+          "no_eval_data" not in snap_fns:
+        batch_eval_loss(step)
       stop = catcher.signum is not None
       if jax.process_count() > 1 and step % int(t_cfg.log_freq) == 0:
         stop = _any_process(stop)
