@@ -407,7 +407,9 @@ def train(config, workdir: str, *, devices: Optional[Sequence] = None, force_res
            f"({jax.devices()[0].platform}), global batch {global_batch}.")
   try:
     while step < n_iters:
-      n = n_jit if (p_multi is not None and n_iters - step >= n_jit) else 1
+      # Multi-step chunks stay aligned to multiples of n_jitted_steps (a run resumed from a SIGTERM
+      # checkpoint at another step first takes single steps), so that log/snapshot steps are hit.
+      n = n_jit if (p_multi is not None and step % n_jit == 0 and n_iters - step >= n_jit) else 1
       batches = []
       for _ in range(n):
         if first is not None:
