@@ -9,7 +9,6 @@ with a progress bar; they are written in data space to `<workdir>/samples/sample
 `nfe`) and a PNG (image grid, or a scatter beside test data for toy data).
 """
 import os
-import sys
 import time
 
 from absl import app, flags, logging

@@ -9,7 +9,6 @@ import sys
 
 import jax
 import numpy as np
-import pytest
 
 HERE = os.path.abspath(__file__)
 TESTS = os.path.dirname(HERE)
