@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -59,3 +60,20 @@ def test_train_script_toy_outputs_resume_and_sample(tmp_path):
   assert npz.exists() and (work / "samples" / "sample_00000020.png").exists()
   x = np.load(npz)["samples"]
   assert x.shape == (40, 2) and np.all(np.isfinite(x))
+
+
+@pytest.mark.slow
+def test_toy_main_job_finishes_within_a_minute(tmp_path):
+  """The README's main job (`configs/toy/ve_ring8.py`): train, pictures and test NLL in <= 60 s on a
+  2-core CPU, compilation included (wall time of the whole command)."""
+  import time
+  cfg = os.path.join(REPO, "configs", "toy", "ve_ring8.py")
+  if not os.path.exists(cfg):
+    pytest.skip(f"{cfg} does not exist")
+  t0 = time.time()
+  r = _run(["scripts/train.py", f"--config={cfg}", f"--workdir={tmp_path / 'w'}", "--noprogress"])
+  seconds = time.time() - t0
+  assert r.returncode == 0, r.stderr[-3000:]
+  print(f"toy main job: {seconds:.1f} s")
+  assert "Test NLL" in r.stdout
+  assert seconds <= 60.0
