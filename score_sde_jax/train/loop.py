@@ -313,7 +313,9 @@ def train(config, workdir: str, *, devices: Optional[Sequence] = None, force_res
         x, nfe = sample_fn(key, score_fn)
         return inverse_scaler(x), nfe
 
-      snap_fns["sample"] = jax.jit(draw, in_shardings=(rep, rep), out_shardings=(rep, rep))
+      # Samples sharded over the devices when they divide evenly (each device draws its share).
+      out_sh = bsh if n % n_dev == 0 else rep
+      snap_fns["sample"] = jax.jit(draw, in_shardings=(rep, rep), out_shardings=(out_sh, rep))
     key = jax.random.fold_in(jax.random.PRNGKey(int(config.seed) + 1), step)
     x, nfe = snap_fns["sample"](state.ema_params, jax.device_put(key, rep))
     x = parallel.to_host(x)
