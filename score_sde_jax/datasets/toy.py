@@ -81,7 +81,31 @@ class GaussianMixture:
     covs = (mean_coeff ** 2)[:, None, None, None] * cov[None] + (std ** 2)[:, None, None, None] * eye
     return means, covs
 
+  @property
+  def isotropic_variances(self):
+    """c_k when every Σ_k = c_k I (then a cheap elementwise path is used), else None."""
+    d = self.dim
+    c = self.covs[:, 0, 0]
+    if np.allclose(self.covs, c[:, None, None] * np.eye(d)[None]):
+      return c
+    return None
+
+  def _log_prob_and_score_isotropic(self, x, mean_coeff, std, c):
+    mu = jnp.asarray(self.means, jnp.float32)                           # [K, D]
+    var = mean_coeff[:, None] ** 2 * jnp.asarray(c, jnp.float32)[None] + std[:, None] ** 2  # [B, K]
+    diff = x[:, None, :] - mean_coeff[:, None, None] * mu[None]           # [B, K, D]
+    maha = jnp.sum(diff ** 2, axis=-1) / var
+    log_comp = (jnp.log(jnp.asarray(self.weights, jnp.float32))[None]
+                - 0.5 * (maha + self.dim * jnp.log(2 * math.pi * var)))
+    logp = jax.scipy.special.logsumexp(log_comp, axis=1)
+    resp = jax.nn.softmax(log_comp, axis=1)
+    score = -jnp.sum((resp / var)[..., None] * diff, axis=1)
+    return logp, score
+
   def _log_prob_and_score(self, x: Array, mean_coeff: Array, std: Array):
+    c = self.isotropic_variances
+    if c is not None:
+      return self._log_prob_and_score_isotropic(x, mean_coeff, std, c)
     means, covs = self._perturbed_components(mean_coeff, std)
     chol = jnp.linalg.cholesky(covs)                                     # [B, K, D, D]
     diff = x[:, None, :] - means                                         # [B, K, D]
