@@ -13,14 +13,14 @@ Tolerance, 0.15 nats (the issue's bound): the model NLL is ≥ the truth up to M
 500-point estimate, which largely cancels because both are computed on the same points; what remains is
 the model's own error: the KL divergence of the learned p_eps from the data, plus the ODE solver's error
 (≪ 0.01 nats at these tolerances).  With the settings below the measured gaps (jax 0.10.2, CPU) are
-0.02–0.05 nats for DSM and explicit SM and ~0.08–0.09 for sliced SM (noisier gradients), so 0.15 leaves
+0.02–0.05 nats for DSM and explicit SM and ~0.09 for sliced SM (noisier gradients), so 0.15 leaves
 a margin of ≥ 0.05 nats, and an untrained network is tens of nats off (checked below): the test can fail.
 
 The mixture: four isotropic components with std 0.5 at (±1.5, ±1.5), unequal weights; modes overlap
 little but the density is smooth, so a small network converges in a few thousand steps.
 
 VE notes: the toy config's Fourier time embedding (scale 16 on log σ) is very high-frequency; scale 1 is
-used here (with it DSM reaches ~0.06 nats, with 16 ~0.21).  Explicit/sliced SM under VE stay ~0.2–0.3
+used here (with it DSM reaches ~0.05 nats, with 16 ~0.21 in a trial run).  Explicit/sliced SM under VE stay ~0.2–0.3
 nats off at these budgets (their σ²-weighted objectives are dominated by the large-σ end of the VE
 range), so VE is exercised with DSM only.
 
