@@ -90,6 +90,7 @@ def _check_common(sde, eps, weighting, importance_sampling):
 def dsm_loss(key: Array, score_fn, x: Array, sde: sde_lib.SDE, *, weighting: str = "sigma2",
              importance_sampling: bool = False, reduce_mean: bool = True, eps: float = 1e-5):
   """Per-example continuous DSM losses [B] for a given `score_fn(x, t)` (see module docstring)."""
+  _check_common(sde, eps, weighting, importance_sampling)
   k_t, k_z = jax.random.split(key)
   t, correction = sample_time(k_t, sde, x.shape[0], eps, importance_sampling)
   z = jax.random.normal(k_z, x.shape, x.dtype)
