@@ -112,7 +112,7 @@ def toy_config(sde: str = "vesde", dataset: str = "ring8") -> ml_collections.Con
   training.sde = sde
   training.batch_size = 512
   training.n_iters = 3000
-  training.snapshot_freq = 1000
+  training.snapshot_freq = 3000      # one snapshot (samples + picture) at the end
   training.snapshot_freq_for_preemption = 500
   training.log_freq = 100
   training.eval_freq = 500
@@ -124,7 +124,7 @@ def toy_config(sde: str = "vesde", dataset: str = "ring8") -> ml_collections.Con
   data.image_size = 0                 # unused for toy data
   data.num_channels = 0
   data.num_train = 100000             # added (toy): size of the fixed training sample
-  data.num_test = 2000                # added (toy): size of the held-out sample for NLL
+  data.num_test = 1000                # added (toy): size of the held-out sample for NLL
   model = config.model
   model.name = "mlp"
   model.nf = 128
@@ -149,7 +149,7 @@ def toy_config(sde: str = "vesde", dataset: str = "ring8") -> ml_collections.Con
   optim.lr = 2e-3
   optim.warmup = 100
   optim.grad_clip = 1.0
-  config.sampling.num_samples = 2000
+  config.sampling.num_samples = 1000
   evaluate = config.eval
   evaluate.batch_size = 1000
   evaluate.divergence = "exact"

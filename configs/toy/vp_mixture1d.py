@@ -1,0 +1,6 @@
+"""VP SDE on the 'mixture1d' toy data: residual MLP, continuous DSM (σ² weighting), CPU-sized."""
+from score_sde_jax.config_defaults import toy_config
+
+
+def get_config():
+  return toy_config("vpsde", "mixture1d")
