@@ -19,25 +19,28 @@ def get_model(config):
   return get_model_class(config.model.name)(config=config)
 
 
-def get_model_fn(model, variables, train: bool = False, rng=None):
+def get_model_fn(model, variables, train: bool = False, rng=None, class_labels=None):
   """`model_fn(x, labels)`: the raw network output with `variables` bound.  In training mode, `rng`
-  (a PRNG key) drives dropout."""
+  (a PRNG key) drives dropout; `class_labels` [B] condition class-conditional networks."""
 
   def model_fn(x, labels):
     kwargs = {}
     if train and rng is not None:
       kwargs["rngs"] = {"dropout": rng}
+    if class_labels is not None:
+      kwargs["class_labels"] = class_labels
     return model.apply(variables, x, labels, train=train, **kwargs)
 
   return model_fn
 
 
-def get_score_fn(sde, model, variables, continuous: bool = True, train: bool = False, rng=None):
+def get_score_fn(sde, model, variables, continuous: bool = True, train: bool = False, rng=None,
+                 class_labels=None):
   """`score_fn(x, t)` of a network with the official conventions: VE networks take σ(t) (continuous)
   or the reversed ladder index (discrete) and return the score (any `scale_by_sigma` happens inside the
   network); VP / sub-VP networks take 999·t (continuous) or the DDPM index t(N−1) (discrete) and
   predict noise, divided by the marginal std to give the score."""
-  model_fn = get_model_fn(model, variables, train=train, rng=rng)
+  model_fn = get_model_fn(model, variables, train=train, rng=rng, class_labels=class_labels)
   param = "score" if isinstance(sde, sde_lib.VESDE) else "noise"
   return score_lib.make_score_fn(sde, model_fn, parameterization=param, continuous=continuous)
 
