@@ -1,0 +1,530 @@
+"""Likelihood evaluation at scale: bits/dim over a whole split, sharded and resumable, and ScoreFlow's bound.
+
+`evaluate_likelihood(config, workdir)` (what `scripts/evaluate.py --config.eval.enable_bpd=True` runs)
+restores the EMA parameters of the chosen checkpoints and computes, for every example of the split
+`config.eval.bpd_dataset` exactly once (padded batches with a mask: padded rows are computed but never
+counted), `config.eval.num_repeats` times with fresh dequantization noise and Hutchinson probes:
+
+  * image data: bits/dim of the 8-bit integers (`likelihood.bits_per_dim`, uniform dequantization, the
+    scaler of `config.data.centered`; the convention is `likelihood.BPD_CONVENTION`);
+  * toy data: the NLL in nats/dim and bits/dim of the continuous points (`likelihood.log_likelihood`).
+
+Every batch is one jitted program over a 1-D mesh of all devices, with the batch sharded along it: the
+adaptive solver is a single while-loop whose step count is shared by the whole global batch, so no
+device or host runs a solver of its own that others would have to wait for.  The PRNG key of
+(repeat r, batch i) is fold_in(fold_in(PRNGKey(seed), r), i), so a rerun draws the same noise.
+
+Resumability: each finished (repeat, batch) appends one JSON line (the global example ids of its
+unmasked rows, their bits/dim and bound, the NFE, seconds) to `<workdir>/eval/<name>.jsonl` and fsyncs
+it; a rerun reads the file, skips the (repeat, batch) entries already there (a partially written last
+line is dropped) and the summary is built from the unique entries, with a check that every example is
+counted exactly once per repeat.  The summary is written to `<workdir>/eval/<name>.summary.json`.
+
+ScoreFlow's bound (Song, Durkan, Murray & Ermon, 2021, Theorem 1), `variational_bound`: for an SDE
+dx = f dt + g dw with Gaussian kernel p_{0t}(x_t | x) = N(m(t) x, σ(t)² I),
+
+    −log p(x) ≤ L(x) = −E_{x_T}[log π(x_T)]
+                       + ½ ∫_ε^T E_{x_t}[ g² ‖s_θ(x_t, t) − ∇log p_{0t}(x_t | x)‖² − g² ‖∇log p_{0t}(x_t | x)‖²
+                                          − 2 ∇·f(x_t, t) ] dt.
+
+Derivation of what L bounds (and equals, for the exact score): let q_t = p_{0t}(· | x), which solves the
+Fokker–Planck equation of the SDE, and s* = ∇log p_t the true score.  Integration by parts gives
+E_{q_t}[s·∇log q_t] = −E_{q_t}[∇·s], so for s = s* the integrand is E_{q_t}[½g²‖s*‖² + g²∇·s* − ∇·f]; the
+Fokker–Planck equations of q_t and p_t give d/dt E_{q_t}[log p_t] = E_{q_t}[−∇·f + g²∇·s* + ½g²‖s*‖²], the
+same expression.  Hence, for s = s*,
+
+    L(x) = E_{x_ε ~ q_ε}[−log p_ε(x_ε)] + E_{x_T ~ q_T}[log p_T(x_T) − log π(x_T)],
+
+the NLL of x at time ε (smoothed by the kernel's σ(ε), negligible for ε = 1e-5) plus the prior mismatch,
+whose average over the data is KL(p_T ‖ π) ≥ 0; averaged over data, a wrong score adds
+½ ∫ g² E_{p_t}‖s − s*‖² dt ≥ 0.  The tests check both against the exact mixture score.
+
+Estimator.  With z ~ N(0, I), x_t = m x + σ z and ∇log p_{0t} = −z/σ, the score terms are
+½ (g²/σ²) (‖σ s + z‖² − ‖z‖²) (one expression, no cancellation of two O(1/σ²) terms); t is drawn by
+importance sampling from q(t) ∝ g²/σ² on [ε, T] (inverting `SDE.weight_integral`, stratified over the `num_t`
+draws), which makes every term bounded.  For the linear drifts here f = a(t) x, so ∇·f = D a(t) and
+−∫ ∇·f dt = −D ∫_ε^T a(t) dt is computed exactly (Gauss–Legendre, exact for the affine a(t) of VP and
+sub-VP: −D ∫ −½β = ½ D (B(T) − B(ε)); 0 for VE).  The prior term is exact for the isotropic Gaussian
+priors of every SDE here: E[log π(m x + σ z)] = log π(m x) + ½ σ² D h with h = ∂² log π / ∂y₁².
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from score_sde_jax import checks
+from score_sde_jax import likelihood
+from score_sde_jax import sde as sde_lib
+
+Array = jax.Array
+
+
+class EvalError(RuntimeError):
+  """A missing workdir/checkpoint or an evaluation config that cannot work (message says what to do)."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# ScoreFlow's variational bound
+# ---------------------------------------------------------------------------------------------------
+def _drift_coefficient(sde, t: Array) -> Array:
+  """a(t) of the linear drift f(x, t) = a(t) x (per dimension), from `sde.sde` on a vector of ones."""
+  ones = jnp.ones((t.shape[0], 1), jnp.float32)
+  return sde.sde(ones, t)[0][:, 0]
+
+
+def drift_divergence_integral(sde, eps: float, dim: int, num_nodes: int = 8) -> Array:
+  """∫_ε^T ∇·f(x, t) dt = D ∫_ε^T a(t) dt for a linear drift (exact for polynomial a of degree < 2·nodes)."""
+  nodes, weights = np.polynomial.legendre.leggauss(num_nodes)
+  half = 0.5 * (sde.T - eps)
+  t = jnp.asarray(eps + half * (nodes + 1.0), jnp.float32)
+  return dim * half * jnp.sum(jnp.asarray(weights, jnp.float32) * _drift_coefficient(sde, t))
+
+
+def _expected_prior_logp(sde, mean: Array, std: Array) -> Array:
+  """E_z[log π(mean + std z)] [B] for an isotropic Gaussian prior π (every SDE here): log π is quadratic
+  with Hessian h I, so the expectation is log π(mean) + ½ std² D h, h from a central difference."""
+  d = math.prod(mean.shape[1:])
+  e = jnp.zeros((3, d), jnp.float32).at[0, 0].set(1.0).at[1, 0].set(-1.0)
+  lp = sde.prior_logp(e.reshape((3,) + mean.shape[1:]))
+  h = lp[0] + lp[1] - 2.0 * lp[2]
+  return sde.prior_logp(mean) + 0.5 * std ** 2 * d * h
+
+
+def variational_bound(key, sde, score_fn, x, *, num_t: int = 16, eps: float = 1e-5,
+                      importance_sampling: bool = True, antithetic: bool = False) -> Array:
+  """ScoreFlow's upper bound L(x) ≥ −log p(x) in nats, per example [B] (see the module docstring).
+
+  Monte Carlo over t (`num_t` stratified draws per example, importance-sampled from g²/σ² unless
+  `importance_sampling=False`, then uniform on [ε, T]) and over z; the prior and divergence terms are
+  exact.  With `antithetic`, each t is used with z and −z, and `score_fn(x, t)` is called 2·`num_t`
+  times on the batch (else `num_t` times).
+  """
+  checks.check_sde(sde)
+  shape = checks.check_shape("x.shape", getattr(x, "shape", None))
+  checks.check_eps(eps, sde.T)
+  checks.check_positive_int("num_t", num_t)
+  checks.check_score_fn(score_fn, shape)
+  x = jnp.asarray(x, jnp.float32)
+  b, d = shape[0], math.prod(shape[1:])
+  k_t, k_z = jax.random.split(key)
+  ts_std = sde.mean_coeff_and_std(jnp.full((b,), sde.T, jnp.float32))
+  prior_term = -_expected_prior_logp(sde, sde_lib.batch_mul(ts_std[0], x), ts_std[1])
+  div_term = -drift_divergence_integral(sde, eps, d)
+
+  # Stratified uniforms: draw j of num_t lies in [j/num_t, (j+1)/num_t).
+  u = (jnp.arange(num_t, dtype=jnp.float32)[:, None]
+       + jax.random.uniform(k_t, (num_t, b))) / num_t
+  if importance_sampling:
+    f_lo, f_hi = sde.weight_integral(jnp.asarray(eps)), sde.weight_integral(jnp.asarray(sde.T))
+    t = jnp.clip(sde.weight_integral_inverse(f_lo + u * (f_hi - f_lo)), eps, sde.T)
+  else:
+    t = eps + u * (sde.T - eps)
+
+  def one(carry, inputs):
+    tj, kj = inputs
+    m, std = sde.mean_coeff_and_std(tj)
+    z = jax.random.normal(kj, x.shape, jnp.float32)
+    g2 = sde.sde(jnp.zeros((b, 1)), tj)[1] ** 2
+    flat = lambda a: a.reshape(b, -1)
+
+    def sq_of(zz):
+      s = score_fn(sde_lib.batch_mul(m, x) + sde_lib.batch_mul(std, zz), tj)
+      return jnp.sum(flat(sde_lib.batch_mul(std, s) + zz) ** 2 - flat(zz) ** 2, axis=-1)
+
+    # antithetic pair (z, −z): the term linear in z, the bulk of the variance, cancels in the pair.
+    sq = 0.5 * (sq_of(z) + sq_of(-z)) if antithetic else sq_of(z)
+    if importance_sampling:
+      # (g²/σ²) · [density of t: (g²/σ²)/Z]⁻¹ = Z
+      w = (f_hi - f_lo) * jnp.ones_like(tj)
+    else:
+      w = g2 / std ** 2 * (sde.T - eps)
+    return carry + 0.5 * w * sq / num_t, None
+
+  keys = jax.random.split(k_z, num_t)
+  score_term, _ = jax.lax.scan(one, jnp.zeros((b,), jnp.float32), (t, keys))
+  return prior_term + score_term + div_term
+
+
+# ---------------------------------------------------------------------------------------------------
+# Settings, checkpoints, the results file
+# ---------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class EvalSettings:
+  split: str
+  batch_size: int
+  num_repeats: int
+  divergence: str
+  num_probes: int
+  rtol: float
+  atol: float
+  eps: float
+  solver: str
+  seed: int
+  bound: bool
+  bound_num_t: int
+  max_examples: Optional[int]
+
+  def tag(self) -> str:
+    """Settings that change the numbers; the results file is named by their hash."""
+    blob = json.dumps(dataclasses.asdict(self), sort_keys=True)
+    return hashlib.sha1(blob.encode()).hexdigest()[:10]
+
+
+def settings_from_config(config, *, batch_size: Optional[int] = None, max_examples: Optional[int] = None,
+                         seed: Optional[int] = None, num_devices: int = 1, bound: bool = True,
+                         bound_num_t: int = 16) -> EvalSettings:
+  """Validated evaluation settings from `config.eval` (clear ValueError on bad values)."""
+  if "eval" not in config:
+    raise EvalError("the config has no 'eval' section (use a config built from score_sde_jax.config_defaults).")
+  ev = config.eval
+  bs = int(ev.batch_size if batch_size is None else batch_size)
+  checks.check_positive_int("eval.batch_size", bs)
+  n = int(num_devices)
+  if bs % n:
+    bs = -(-bs // n) * n   # pad the global batch to a multiple of the device count
+  num_repeats = ev.get("num_repeats", 1)
+  checks.check_positive_int("eval.num_repeats", num_repeats)
+  divergence = checks.check_choice("eval.divergence",
+                                   checks.normalize_name(ev.get("divergence", "hutchinson_rademacher")),
+                                   likelihood.DIVERGENCES)
+  num_probes = ev.get("num_probes", 1)
+  checks.check_positive_int("eval.num_probes", num_probes)
+  rtol, atol, eps = ev.get("rtol", 1e-5), ev.get("atol", 1e-5), ev.get("eps", 1e-5)
+  solver = checks.normalize_name(ev.get("solver", "tsit5"))
+  from score_sde_jax import ode as ode_lib
+  ode_lib.check_solver_args(solver, rtol, atol, None)
+  checks.check_eps(eps, 1.0, "eval.eps")
+  split = ev.get("bpd_dataset", "test")
+  if not isinstance(split, str) or not split:
+    raise ValueError(f"eval.bpd_dataset must be a split name such as 'test'; got {split!r}.")
+  if max_examples is not None:
+    checks.check_positive_int("max_examples", max_examples)
+  checks.check_positive_int("bound_num_t", bound_num_t)
+  return EvalSettings(split=split, batch_size=bs, num_repeats=int(num_repeats), divergence=divergence,
+                      num_probes=int(num_probes), rtol=float(rtol), atol=float(atol), eps=float(eps),
+                      solver=solver, seed=int(config.seed if seed is None else seed), bound=bool(bound),
+                      bound_num_t=int(bound_num_t), max_examples=max_examples)
+
+
+def _train_hint(workdir: str) -> str:
+  return (f"Train first, e.g. `python scripts/train.py --config <config.py> --workdir {workdir}`, or pass "
+          f"the --workdir of a finished training run.")
+
+
+def select_checkpoints(config, workdir: str, which="latest") -> List[int]:
+  """Checkpoint steps to evaluate: 'latest' (the newest), 'range' (the official convention: checkpoint
+  index i ∈ [eval.begin_ckpt, eval.end_ckpt] ↔ step i · training.snapshot_freq), or a list of steps."""
+  from score_sde_jax.train import checkpoint as ckpt_lib
+  workdir = os.path.abspath(workdir)
+  if not os.path.isdir(workdir):
+    raise EvalError(f"workdir {workdir} does not exist. {_train_hint(workdir)}")
+  cdir = ckpt_lib.checkpoint_dir(workdir)
+  steps = sorted(int(n) for n in os.listdir(cdir) if n.isdigit()) if os.path.isdir(cdir) else []
+  if not steps:
+    raise EvalError(f"no checkpoints in {cdir}. {_train_hint(workdir)}")
+  if which == "latest":
+    return [steps[-1]]
+  if which == "range":
+    freq = int(config.training.snapshot_freq)
+    lo, hi = int(config.eval.begin_ckpt) * freq, int(config.eval.end_ckpt) * freq
+    chosen = [s for s in steps if lo <= s <= hi]
+    if not chosen:
+      raise EvalError(f"no checkpoint in {cdir} has a step in [eval.begin_ckpt·snapshot_freq, "
+                      f"eval.end_ckpt·snapshot_freq] = [{lo}, {hi}]; available steps: {steps}.")
+    return chosen
+  wanted = [int(s) for s in which]
+  missing = [s for s in wanted if s not in steps]
+  if missing:
+    raise EvalError(f"no checkpoint for step(s) {missing} in {cdir}; available steps: {steps}.")
+  return wanted
+
+
+def _restore_ema(config, workdir: str, step: int):
+  from score_sde_jax.train import config_utils, restore
+  try:
+    _, state = restore.restore_state(config, workdir, step, report=lambda *_: None)
+  except Exception as e:  # noqa: BLE001
+    saved = config_utils.load_saved_config(workdir)
+    diffs = [k for k, _, _ in config_utils.config_differences(saved, config)] if saved else []
+    hint = (f" The config differs from the one the workdir was trained with "
+            f"({os.path.join(workdir, config_utils.CONFIG_FILE)}) in: {', '.join(diffs[:12])}."
+            if diffs else "")
+    raise EvalError(f"cannot restore checkpoint step {step} from "
+                    f"{os.path.join(os.path.abspath(workdir), 'checkpoints', str(step))}: "
+                    f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}.{hint}") from e
+  return state.ema_params
+
+
+class ResultsFile:
+  """Append-only JSONL of finished (repeat, batch) entries, tolerant of a torn last line."""
+
+  def __init__(self, path: str, header: dict):
+    self.path = path
+    self.entries: Dict[tuple, dict] = {}
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if os.path.exists(path):
+      with open(path, "rb") as f:
+        data = f.read()
+      cut = data.rfind(b"\n") + 1
+      if cut < len(data):        # a line cut short by a kill: drop it
+        with open(path, "r+b") as f:
+          f.truncate(cut)
+        data = data[:cut]
+      for line in data.decode().splitlines():
+        rec = json.loads(line)
+        if rec.get("kind") == "entry":
+          self.entries.setdefault((rec["repeat"], rec["batch"]), rec)
+    else:
+      self._append(dict(header, kind="header"))
+
+  def _append(self, rec: dict) -> None:
+    with open(self.path, "a") as f:
+      f.write(json.dumps(rec) + "\n")
+      f.flush()
+      os.fsync(f.fileno())
+
+  def add(self, rec: dict) -> None:
+    key = (rec["repeat"], rec["batch"])
+    if key in self.entries:
+      return
+    rec = dict(rec, kind="entry")
+    self._append(rec)
+    self.entries[key] = rec
+
+
+def summarize(entries: Dict[tuple, dict], num_repeats: int, num_examples: int, key: str = "value") -> dict:
+  """Mean over (repeat, example), its standard error (over examples of the per-example mean across
+  repeats), per-repeat means and the mean NFE.  Checks every example is counted exactly once per repeat."""
+  per_ex = np.full((num_repeats, num_examples), np.nan)
+  nfe = []
+  for (r, _), rec in sorted(entries.items()):
+    ids = np.asarray(rec["ids"], np.int64)
+    vals = np.asarray(rec[key], np.float64)
+    if np.any(~np.isnan(per_ex[r, ids])):
+      raise RuntimeError(f"example(s) {ids[~np.isnan(per_ex[r, ids])][:5]} counted twice in repeat {r}")
+    per_ex[r, ids] = vals
+    nfe.append(rec["nfe"])
+  if np.isnan(per_ex).any():
+    raise RuntimeError(f"{int(np.isnan(per_ex).sum())} (repeat, example) values are missing")
+  ex_mean = per_ex.mean(axis=0)
+  return {"mean": float(per_ex.mean()),
+          "stderr": float(ex_mean.std(ddof=1) / math.sqrt(num_examples)) if num_examples > 1 else 0.0,
+          "repeat_means": [float(v) for v in per_ex.mean(axis=1)],
+          "mean_nfe": float(np.mean(nfe)) if nfe else 0.0}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The evaluation loop
+# ---------------------------------------------------------------------------------------------------
+def make_batch_fn(config, sde, model, settings: EvalSettings, mesh, is_toy: bool):
+  """The jitted per-batch program (params, x, key) -> (value [B], bound [B], nfe): bits/dim (images,
+  x uint8) or NLL in nats/dim (toy, x float), batch sharded along `mesh`, params and key replicated."""
+  from score_sde_jax import models
+  from score_sde_jax.datasets import get_data_scaler
+  from score_sde_jax.train import parallel
+  continuous = bool(config.training.continuous)
+  s = settings
+  scaler = get_data_scaler(config)
+  centered = bool(config.data.centered)
+
+  def fn(params, x, key):
+    score_fn = models.get_score_fn(sde, model, params, continuous=continuous, train=False)
+    k_ll, k_b = jax.random.split(key)
+    d = math.prod(x.shape[1:])
+    if is_toy:
+      y = scaler(x)
+      logp, _, nfe = likelihood.log_likelihood(k_ll, sde, score_fn, y, divergence=s.divergence,
+                                               rtol=s.rtol, atol=s.atol, eps=s.eps,
+                                               num_probes=s.num_probes, solver=s.solver)
+      log_det = likelihood._elementwise_log_abs_derivative(scaler, x)  # pylint: disable=protected-access
+      value = -(logp + log_det) / d
+      if s.bound:
+        bound = (variational_bound(k_b, sde, score_fn, y, num_t=s.bound_num_t, eps=s.eps) - log_det) / d
+      else:
+        bound = jnp.zeros_like(value)
+      return value, bound, nfe
+    value, _, nfe = likelihood.bits_per_dim(
+        k_ll, sde, score_fn, x, num_bits=8, scaler="centered" if centered else "unit",
+        dequantization="uniform", divergence=s.divergence, rtol=s.rtol, atol=s.atol, eps=s.eps,
+        num_probes=s.num_probes, solver=s.solver)
+    if s.bound:
+      # The same dequantization noise as bits_per_dim (it splits its key the same way).
+      k_deq = jax.random.split(k_ll)[0]
+      u = (x.astype(jnp.float32) + jax.random.uniform(k_deq, x.shape, jnp.float32)) / 256.0
+      sc = likelihood.SCALERS["centered" if centered else "unit"]
+      log_det = likelihood._elementwise_log_abs_derivative(sc, u)  # pylint: disable=protected-access
+      nats = variational_bound(k_b, sde, score_fn, sc(u), num_t=s.bound_num_t, eps=s.eps)
+      bound = (nats - log_det) / (d * math.log(2.0)) + 8
+    else:
+      bound = jnp.zeros_like(value)
+    return value, bound, nfe
+
+  rep, bsh = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+  return jax.jit(fn, in_shardings=(rep, bsh, rep), out_shardings=(bsh, bsh, rep))
+
+
+def batch_key(seed: int, repeat: int, batch: int) -> Array:
+  return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), repeat), batch)
+
+
+def evaluate_likelihood(config, workdir: str, *, checkpoints="latest", devices: Optional[Sequence] = None,
+                        batch_size: Optional[int] = None, max_examples: Optional[int] = None,
+                        seed: Optional[int] = None, bound: bool = True, bound_num_t: int = 16,
+                        stop_after: Optional[int] = None, progress: bool = False,
+                        report: Optional[Callable[[str], None]] = None, params=None) -> List[dict]:
+  """Bits/dim (images) or NLL (toy) of the EMA parameters of the chosen checkpoints; see the module
+  docstring.  Returns one summary dict per checkpoint (also written to `<workdir>/eval/*.summary.json`).
+
+  max_examples: evaluate only the first n examples of the split.  stop_after: stop after computing
+  that many new (repeat, batch) entries (simulates an interruption; the summary is then None).
+  params: evaluate these parameters instead of a checkpoint (checkpoints is then ignored; step -1).
+  """
+  from score_sde_jax import models
+  from score_sde_jax.train import config_utils, loop, parallel
+  process0 = jax.process_index() == 0
+  if report is None:
+    report = print if process0 else (lambda *_: None)
+  mesh = parallel.make_mesh(devices)
+  n_dev = mesh.devices.size
+  try:
+    config_utils.validate_config(config, 1)
+  except config_utils.ConfigError as e:
+    raise EvalError(str(e)) from e
+  s = settings_from_config(config, batch_size=batch_size, max_examples=max_examples, seed=seed,
+                           num_devices=n_dev, bound=bound, bound_num_t=bound_num_t)
+  toy = loop.is_toy(config)
+  if params is None:
+    steps = select_checkpoints(config, workdir, checkpoints)
+  else:
+    steps = [-1]
+  sde = sde_lib.sde_from_config(config)
+  model = models.get_model(config)
+  try:
+    it = loop.open_eval_iterator(config, s.batch_size, s.split)
+  except Exception as e:  # noqa: BLE001
+    raise EvalError(f"cannot open split {s.split!r} of data.dataset={config.data.dataset!r} "
+                    f"(eval.bpd_dataset): {type(e).__name__}: {e}") from e
+  num_examples = it.num_examples if s.max_examples is None else min(it.num_examples, s.max_examples)
+  num_batches = math.ceil(num_examples / s.batch_size)
+  host_batch = it.batch_size
+  batch_fn = make_batch_fn(config, sde, model, s, mesh, toy)
+  rep, bsh = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+  unit = "nats/dim" if toy else "bits/dim"
+  results = []
+  for step in steps:
+    p = params if params is not None else _restore_ema(config, workdir, step)
+    p = parallel.replicate(p, mesh)
+    name = f"{'nll' if toy else 'bpd'}_step{step}_{s.split}_{s.tag()}"
+    out_dir = os.path.join(os.path.abspath(workdir), "eval")
+    header = {"step": step, "settings": dataclasses.asdict(s), "dataset": str(config.data.dataset),
+              "num_examples": num_examples, "unit": unit}
+    rf = ResultsFile(os.path.join(out_dir, name + ".jsonl"), header) if process0 else None
+    done = set(rf.entries) if rf is not None else set()
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      flags = np.zeros((s.num_repeats, num_batches), np.int32)
+      for r, i in done:
+        flags[r, i] = 1
+      flags = np.asarray(multihost_utils.broadcast_one_to_all(flags))
+      done = {(r, i) for r in range(s.num_repeats) for i in range(num_batches) if flags[r, i]}
+    todo = [(r, i) for r in range(s.num_repeats) for i in range(num_batches) if (r, i) not in done]
+    if done:
+      report(f"step {step}: resuming, {len(done)} of {s.num_repeats * num_batches} (repeat, batch) "
+             f"entries already in {os.path.join(out_dir, name + '.jsonl')}")
+    bar = None
+    if progress and process0 and todo:
+      from tqdm.auto import tqdm
+      bar = tqdm(total=len(todo), unit="batch", desc=f"{unit} step {step}")
+    t0 = time.time()
+    new = 0
+    interrupted = False
+    for r, i in todo:
+      if stop_after is not None and new >= stop_after:
+        interrupted = True
+        break
+      b = it.batch_at(i)
+      pos = i * s.batch_size + it.process_index * host_batch + np.arange(host_batch)
+      mask = np.asarray(b["mask"], bool) & (pos < num_examples)
+      x = np.asarray(b["image"] if toy else b["image_int"])
+      tb = time.time()
+      value, bnd, nfe = batch_fn(p, parallel.host_to_global(x, bsh),
+                                 jax.device_put(batch_key(s.seed, r, i), rep))
+      value, bnd = parallel.to_host(value), parallel.to_host(bnd)
+      nfe = int(parallel.to_host(nfe))
+      gmask = parallel.to_host(parallel.host_to_global(mask, bsh)) if jax.process_count() > 1 else mask
+      gpos = (i * s.batch_size + np.arange(s.batch_size))
+      rec = {"repeat": r, "batch": i, "ids": gpos[gmask].tolist(),
+             "value": np.asarray(value, np.float64)[gmask].tolist(),
+             "bound": np.asarray(bnd, np.float64)[gmask].tolist(), "nfe": nfe,
+             "seconds": time.time() - tb}
+      if rf is not None:
+        rf.add(rec)
+      new += 1
+      if bar is not None:
+        bar.update(1)
+        bar.set_postfix(nfe=nfe, value=f"{np.mean(rec['value']):.4f}")
+    if bar is not None:
+      bar.close()
+    if interrupted or not process0:
+      results.append(None)
+      continue
+    summary = _summary(rf, s, num_examples, toy, step, time.time() - t0, workdir)
+    with open(os.path.join(out_dir, name + ".summary.json"), "w") as f:
+      json.dump(summary, f, indent=2)
+    summary["summary_path"] = os.path.join(out_dir, name + ".summary.json")
+    report(format_summary(summary))
+    results.append(summary)
+  return results
+
+
+def _summary(rf: ResultsFile, s: EvalSettings, num_examples: int, toy: bool, step: int, seconds: float,
+             workdir: str) -> dict:
+  main = summarize(rf.entries, s.num_repeats, num_examples, "value")
+  out = {"step": step, "split": s.split, "num_examples": num_examples, "num_repeats": s.num_repeats,
+         "settings": dataclasses.asdict(s), "mean_nfe": main["mean_nfe"],
+         "wall_seconds_this_run": seconds,
+         "wall_seconds_total": float(sum(e["seconds"] for e in rf.entries.values())),
+         "results_file": rf.path}
+  if toy:
+    out.update(nll_nats_per_dim=main["mean"], nll_nats_per_dim_stderr=main["stderr"],
+               bits_per_dim=main["mean"] / math.log(2.0), bits_per_dim_stderr=main["stderr"] / math.log(2.0),
+               repeat_means_nats_per_dim=main["repeat_means"],
+               convention="NLL of the continuous points (no dequantization), in nats/dim and nats/dim / ln 2")
+  else:
+    out.update(bits_per_dim=main["mean"], bits_per_dim_stderr=main["stderr"],
+               repeat_means_bits_per_dim=main["repeat_means"], convention=likelihood.BPD_CONVENTION)
+  if s.bound:
+    bd = summarize(rf.entries, s.num_repeats, num_examples, "bound")
+    key = "bound_nats_per_dim" if toy else "bound_bits_per_dim"
+    out[key], out[key + "_stderr"] = bd["mean"], bd["stderr"]
+  return out
+
+
+def format_summary(s: dict) -> str:
+  toy = "nll_nats_per_dim" in s
+  lines = [f"step {s['step']}, split {s['split']!r}: {s['num_examples']} examples × {s['num_repeats']} "
+           f"repeat(s), mean NFE {s['mean_nfe']:.1f}, wall time {s['wall_seconds_total']:.1f}s "
+           f"(this run {s['wall_seconds_this_run']:.1f}s)"]
+  if toy:
+    lines.append(f"  NLL {s['nll_nats_per_dim']:.4f} ± {s['nll_nats_per_dim_stderr']:.4f} nats/dim = "
+                 f"{s['bits_per_dim']:.4f} ± {s['bits_per_dim_stderr']:.4f} bits/dim")
+    if "bound_nats_per_dim" in s:
+      lines.append(f"  ScoreFlow bound (likelihood-weighted DSM): {s['bound_nats_per_dim']:.4f} ± "
+                   f"{s['bound_nats_per_dim_stderr']:.4f} nats/dim")
+  else:
+    lines.append(f"  bits/dim {s['bits_per_dim']:.4f} ± {s['bits_per_dim_stderr']:.4f} (standard error)")
+    if "bound_bits_per_dim" in s:
+      lines.append(f"  ScoreFlow bound (likelihood-weighted DSM): {s['bound_bits_per_dim']:.4f} ± "
+                   f"{s['bound_bits_per_dim_stderr']:.4f} bits/dim")
+  lines.append(f"  convention: {s['convention']}")
+  lines.append(f"  results: {s['results_file']}")
+  return "\n".join(lines)

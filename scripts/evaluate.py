@@ -1,0 +1,79 @@
+#!/usr/bin/env python
+"""Bits/dim of a trained workdir over a whole split:
+`python scripts/evaluate.py --config configs/mnist/vp.py --workdir runs/mnist_vp --config.eval.enable_bpd=True`.
+
+Evaluates the EMA parameters of the newest checkpoint (`--checkpoints=latest`), of every checkpoint with
+index in [eval.begin_ckpt, eval.end_ckpt] (`--checkpoints=range`, index i = step i·training.snapshot_freq,
+the official convention) or of given steps (`--checkpoints=5000,10000`), on every example of
+`eval.bpd_dataset` exactly once, `eval.num_repeats` times (fresh dequantization noise and Hutchinson
+probes, keys from (seed, repeat, batch)).  Solver and divergence: `eval.solver`, `eval.rtol`, `eval.atol`,
+`eval.eps`, `eval.divergence` ('hutchinson_rademacher' | 'hutchinson_gaussian' | 'exact'),
+`eval.num_probes`.  Image data: bits/dim of the 8-bit data (the convention is printed with the result);
+toy data: NLL in nats/dim and bits/dim.  Also reports ScoreFlow's bound (`--bound`, default on).
+
+Each batch is one compiled program sharded over all devices.  Per-batch results go to
+`<workdir>/eval/*.jsonl` as they finish; rerunning the same command continues where it stopped; the
+summary is written beside it as `.summary.json`.  Without --config the workdir's saved config is used.
+
+Exit status: 0 done, 2 bad config / missing workdir or checkpoint / unreadable data.
+"""
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file (default: the workdir's saved config).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Training workdir (holds config.json and checkpoints/).")
+flags.DEFINE_string("checkpoints", "latest", "'latest', 'range' (eval.begin_ckpt..end_ckpt) or steps "
+                    "'5000,10000'.")
+flags.DEFINE_integer("batch_size", None, "Global batch (default eval.batch_size; padded to a multiple "
+                     "of the device count).")
+flags.DEFINE_integer("max_examples", None, "Only the first n examples of the split.")
+flags.DEFINE_integer("seed", None, "Seed of the noise (default: config.seed).")
+flags.DEFINE_bool("bound", True, "Also compute ScoreFlow's variational bound.")
+flags.DEFINE_integer("bound_num_t", 16, "Monte Carlo draws of t per example for the bound.")
+flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() (also: SCORE_SDE_DISTRIBUTED=1).")
+flags.DEFINE_bool("progress", True, "Show a progress bar.")
+flags.mark_flags_as_required(["workdir"])
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  from score_sde_jax.train import parallel
+  parallel.maybe_initialize_distributed(True if FLAGS.multihost else None)
+  from score_sde_jax import evaluation
+  from score_sde_jax.train import restore
+
+  try:
+    if FLAGS.config is not None:
+      config = FLAGS.config
+    else:
+      try:
+        config = restore.load_workdir_config(FLAGS.workdir)
+      except FileNotFoundError as e:
+        raise evaluation.EvalError(f"{e} Pass --config, or train first: python scripts/train.py "
+                                   f"--config <config.py> --workdir {FLAGS.workdir}") from e
+    if not bool(config.eval.get("enable_bpd", False)):
+      print("eval.enable_bpd is False: nothing to do (pass --config.eval.enable_bpd=True).",
+            file=sys.stderr)
+      return
+    which = FLAGS.checkpoints
+    if which not in ("latest", "range"):
+      try:
+        which = [int(s) for s in which.split(",") if s.strip()]
+      except ValueError:
+        raise evaluation.EvalError(f"--checkpoints must be 'latest', 'range' or comma-separated steps; "
+                                   f"got {FLAGS.checkpoints!r}") from None
+    evaluation.evaluate_likelihood(config, FLAGS.workdir, checkpoints=which, batch_size=FLAGS.batch_size,
+                                   max_examples=FLAGS.max_examples, seed=FLAGS.seed, bound=FLAGS.bound,
+                                   bound_num_t=FLAGS.bound_num_t, progress=FLAGS.progress)
+  except (evaluation.EvalError, ValueError) as e:
+    print(f"ERROR: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main)
