@@ -135,7 +135,7 @@ def toy_config(sde: str = "vesde", dataset: str = "ring8") -> ml_collections.Con
     model.sigma_min = 0.01
     model.sigma_max = 10.0
     model.embedding_type = "fourier"
-    model.fourier_scale = 16.0
+    model.fourier_scale = 1.0         # log σ spans ~7 units here: scale 16 (images) gives a noisy embedding
     model.scale_by_sigma = True
     config.sampling.predictor = "reverse_diffusion"
     config.sampling.corrector = "langevin"
