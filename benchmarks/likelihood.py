@@ -17,7 +17,6 @@ activations and matmuls, fp32 parameters and ODE state).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 import time
@@ -29,11 +28,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_config(name):
-  path = name if name.endswith(".py") else os.path.join(REPO, "configs", name + ".py")
-  spec = importlib.util.spec_from_file_location("bench_cfg", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config()
+  from score_sde_jax.train.config_utils import load_config_file
+  return load_config_file(name if name.endswith(".py") else os.path.join(REPO, "configs", name + ".py"))
 
 
 def bench_one(config, batch, rtol, atol, iters):

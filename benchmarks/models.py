@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
 import os
 import sys
 import time
@@ -36,11 +35,8 @@ DEFAULT_CONFIGS = ("vp/cifar10_ddpmpp_continuous", "ve/cifar10_ncsnpp_continuous
 
 
 def load_config(name):
-  path = name if name.endswith(".py") else os.path.join(REPO, "configs", name + ".py")
-  spec = importlib.util.spec_from_file_location("bench_cfg", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config()
+  from score_sde_jax.train.config_utils import load_config_file
+  return load_config_file(name if name.endswith(".py") else os.path.join(REPO, "configs", name + ".py"))
 
 
 def build(config, batch):

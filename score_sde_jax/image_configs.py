@@ -192,8 +192,9 @@ def _sde_settings(config, sde: str, continuous: bool):
   return config
 
 
-def ncsnpp(config, sde: str = "vesde", continuous: bool = True, deep: bool = False):
-  """NCSN++ (FIR, BigGAN blocks, residual input pyramid); VE uses Fourier features and scale_by_sigma."""
+def _ncsnpp_family(config, sde: str, continuous: bool, deep: bool):
+  """What NCSN++ and DDPM++ share: 4 (deep: 8) BigGAN blocks per resolution over (1, 2, 2, 2)·128
+  channels, attention at 16×16, skip rescaling, zero-init output layers."""
   _sde_settings(config, sde, continuous)
   m = config.model
   m.name = "ncsnpp"
@@ -203,54 +204,37 @@ def ncsnpp(config, sde: str = "vesde", continuous: bool = True, deep: bool = Fal
   m.attn_resolutions = (16,)
   m.resamp_with_conv = True
   m.conditional = True
-  m.fir = True
   m.fir_kernel = [1, 3, 3, 1]
   m.skip_rescale = True
   m.resblock_type = "biggan"
   m.progressive = "none"
-  m.progressive_input = "residual"
   m.progressive_combine = "sum"
   m.attention_type = "ddpm"
   m.init_scale = 0.0
   m.fourier_scale = 16
   m.conv_size = 3
-  if sde == "vesde":
-    m.scale_by_sigma = True
-    m.embedding_type = "fourier" if continuous else "positional"
-  else:
-    m.scale_by_sigma = False
-    m.embedding_type = "positional"
   if deep:
     config.training.n_iters = 950001
+  return m
+
+
+def ncsnpp(config, sde: str = "vesde", continuous: bool = True, deep: bool = False):
+  """NCSN++ (FIR, BigGAN blocks, residual input pyramid); VE uses Fourier features and scale_by_sigma."""
+  m = _ncsnpp_family(config, sde, continuous, deep)
+  m.fir = True
+  m.progressive_input = "residual"
+  m.scale_by_sigma = sde == "vesde"
+  m.embedding_type = "fourier" if sde == "vesde" and continuous else "positional"
   return config
 
 
 def ddpmpp(config, sde: str = "vpsde", continuous: bool = True, deep: bool = False):
   """DDPM++ (no FIR, BigGAN blocks, no pyramids, positional embedding)."""
-  _sde_settings(config, sde, continuous)
-  m = config.model
-  m.name = "ncsnpp"
-  m.nf = 128
-  m.ch_mult = (1, 2, 2, 2)
-  m.num_res_blocks = 8 if deep else 4
-  m.attn_resolutions = (16,)
-  m.resamp_with_conv = True
-  m.conditional = True
+  m = _ncsnpp_family(config, sde, continuous, deep)
   m.fir = False
-  m.fir_kernel = [1, 3, 3, 1]
-  m.skip_rescale = True
-  m.resblock_type = "biggan"
-  m.progressive = "none"
   m.progressive_input = "none"
-  m.progressive_combine = "sum"
-  m.attention_type = "ddpm"
-  m.init_scale = 0.0
   m.embedding_type = "positional"
-  m.fourier_scale = 16
-  m.conv_size = 3
   m.scale_by_sigma = sde == "vesde"
-  if deep:
-    config.training.n_iters = 950001
   return config
 
 

@@ -18,6 +18,16 @@ def _plt():
   return plt
 
 
+def _save_figure(plt, fig, path: str, title: str = "") -> str:
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
 def image_grid(images, nrow: Optional[int] = None, padding: int = 2) -> np.ndarray:
   """[N, H, W, C] images in [0, 1] → one uint8 grid image [H', W', C] (C = 1 or 3)."""
   x = np.clip(np.nan_to_num(np.asarray(images, np.float32), nan=0.0), 0.0, 1.0)
@@ -74,13 +84,7 @@ def save_toy_samples(samples, data, path: str, title: str = "") -> str:
       ax.set_xlim(x0, x1)
       ax.set_ylim(y0, y1)
       ax.set_aspect("equal")
-  if title:
-    fig.suptitle(title)
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
+  return _save_figure(plt, fig, path, title)
 
 
 def save_score_field(score_fn: Callable, data, path: str, times=(0.01, 0.1, 0.5),
@@ -119,10 +123,4 @@ def save_score_field(score_fn: Callable, data, path: str, times=(0.01, 0.1, 0.5)
       ax.set_ylim(y0, y1)
       ax.set_aspect("equal")
     ax.set_title(f"learned score, t={t:g}")
-  if title:
-    fig.suptitle(title)
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
+  return _save_figure(plt, fig, path, title)

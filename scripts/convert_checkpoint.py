@@ -14,18 +14,16 @@ PyTorch is needed only here (the optional extra `score_sde_jax[torch]`).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 
 
 def load_config(path: str):
-  spec = importlib.util.spec_from_file_location("converted_config", path)
-  if spec is None or spec.loader is None:
-    raise SystemExit(f"cannot load config file {path!r}")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config()
+  from score_sde_jax.train.config_utils import load_config_file
+  try:
+    return load_config_file(path)
+  except (OSError, ValueError) as e:
+    raise SystemExit(f"cannot load config file {path!r}: {e}") from e
 
 
 def main(argv=None):

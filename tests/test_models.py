@@ -3,7 +3,6 @@ gradients; the PyTorch naming is the official one for every switch (checked agai
 re-statement of the official module list) and conversion round-trips; bf16 stays close to float32;
 remat changes nothing but memory; paper configs have the official parameter counts; bad input raises."""
 import functools
-import importlib.util
 import os
 
 import jax
@@ -14,16 +13,14 @@ import pytest
 from score_sde_jax import image_configs
 from score_sde_jax.models import convert_torch_state_dict, export_torch_state_dict, get_model
 from score_sde_jax.models import convert as convert_lib
+from score_sde_jax.train import config_utils
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B = 2
 
 
 def load_config_file(rel):
-  spec = importlib.util.spec_from_file_location("cfg_" + rel.replace("/", "_"), os.path.join(REPO, rel))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config()
+  return config_utils.load_config_file(os.path.join(REPO, rel))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import json
 import os
 from typing import Any, Dict, List, Tuple
@@ -20,6 +21,19 @@ import ml_collections
 from score_sde_jax import config_defaults
 
 CONFIG_FILE = "config.json"
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+  """`get_config()` of a config file (what `--config path.py` loads, without absl flags)."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"config file {path!r} does not exist")
+  spec = importlib.util.spec_from_file_location(
+      "score_sde_config_" + os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ValueError(f"config file {path!r} defines no get_config()")
+  return module.get_config()
 
 # Fields that may change between a run and its resumption: they do not change the model, the data or
 # the optimisation trajectory of the steps already taken.
