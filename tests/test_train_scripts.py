@@ -24,9 +24,13 @@ def get_config():
 '''
 
 
-def _run(args, timeout=300):
+def _run(args, timeout=300, user_env=False):
+  """Runs a script; user_env drops the suite's simulated 4-device flag (a user's machine: 1 CPU device)."""
   env = dict(os.environ)
   env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+  if user_env:
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                                if not f.startswith("--xla_force_host_platform_device_count"))
   return subprocess.run([sys.executable] + args, capture_output=True, text=True, timeout=timeout,
                         env=env, cwd=REPO)
 
@@ -63,17 +67,25 @@ def test_train_script_toy_outputs_resume_and_sample(tmp_path):
 
 
 @pytest.mark.slow
-def test_toy_main_job_finishes_within_a_minute(tmp_path):
-  """The README's main job (`configs/toy/ve_ring8.py`): train, pictures and test NLL in <= 60 s on a
-  2-core CPU, compilation included (wall time of the whole command)."""
+def test_toy_main_job_learns_the_ring(tmp_path):
+  """The README's main job (`configs/toy/ve_ring8.py`) as a user runs it: exit 0, pictures written, and
+  the test NLL it prints within 0.3 nats of the true NLL of the same points.  Tolerance: measured gap
+  0.18 nats (2.29 vs 2.11); the printed standard error over 1000 test points is about 0.05 nats, so
+  0.3 leaves two standard errors of room while catching a model that did not learn the 8 modes (a
+  single Gaussian fitted to the ring scores log(2π·2.06) + 1 = 3.56 nats, 1.4 worse).  Its wall time is printed, not asserted."""
+  import re
   import time
   cfg = os.path.join(REPO, "configs", "toy", "ve_ring8.py")
-  if not os.path.exists(cfg):
-    pytest.skip(f"{cfg} does not exist")
+  work = tmp_path / "w"
   t0 = time.time()
-  r = _run(["scripts/train.py", f"--config={cfg}", f"--workdir={tmp_path / 'w'}", "--noprogress"])
+  r = _run(["scripts/train.py", f"--config={cfg}", f"--workdir={work}", "--noprogress"], user_env=True)
   seconds = time.time() - t0
   assert r.returncode == 0, r.stderr[-3000:]
   print(f"toy main job: {seconds:.1f} s")
-  assert "Test NLL" in r.stdout
-  assert seconds <= 60.0
+  m = re.search(r"Test NLL \((\d+) points.*?: ([-\d.]+) ± ([\d.]+) nats.*true NLL of these points: ([-\d.]+)",
+                r.stdout)
+  assert m, r.stdout
+  n, nll, se, true_nll = int(m.group(1)), float(m.group(2)), float(m.group(3)), float(m.group(4))
+  assert n == 1000 and se < 0.1
+  assert abs(nll - true_nll) <= 0.3, (nll, true_nll)
+  assert (work / "samples" / "toy_samples.png").exists() and (work / "samples" / "toy_score_field.png").exists()
