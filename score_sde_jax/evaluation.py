@@ -174,8 +174,12 @@ class EvalSettings:
   max_examples: Optional[int]
 
   def tag(self) -> str:
-    """Settings that change the numbers; the results file is named by their hash."""
-    blob = json.dumps(dataclasses.asdict(self), sort_keys=True)
+    """Settings that change the numbers; the results file is named by their hash.  The repeat count is
+    left out: repeat r's noise depends only on (seed, r, batch), so raising `num_repeats` extends the
+    file of the earlier run instead of starting over."""
+    settings = dataclasses.asdict(self)
+    del settings["num_repeats"]
+    blob = json.dumps(settings, sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:10]
 
 
@@ -303,10 +307,13 @@ class ResultsFile:
 
 def summarize(entries: Dict[tuple, dict], num_repeats: int, num_examples: int, key: str = "value") -> dict:
   """Mean over (repeat, example), its standard error (over examples of the per-example mean across
-  repeats), per-repeat means and the mean NFE.  Checks every example is counted exactly once per repeat."""
+  repeats), per-repeat means and the mean NFE.  Checks every example is counted exactly once per repeat.
+  Entries of repeats ≥ num_repeats (left by an earlier run with more repeats) are not counted."""
   per_ex = np.full((num_repeats, num_examples), np.nan)
   nfe = []
   for (r, _), rec in sorted(entries.items()):
+    if r >= num_repeats:
+      continue
     ids = np.asarray(rec["ids"], np.int64)
     vals = np.asarray(rec[key], np.float64)
     if np.any(~np.isnan(per_ex[r, ids])):

@@ -153,6 +153,18 @@ def test_resume_after_interruption_same_total_no_double_count(workdir, four_devi
   (s3,) = evaluation.evaluate_likelihood(c, d, devices=jax.devices()[:4], bound_num_t=4,
                                          report=lambda *_: None)
   assert len(_entries(s3)) == 8 and s3["nll_nats_per_dim"] == s["nll_nats_per_dim"]
+  # More repeats extend the same file: the 8 entries of repeats 0-1 are reused, only repeat 2 is new.
+  c.eval.num_repeats = 3
+  msgs = []
+  (s4,) = evaluation.evaluate_likelihood(c, d, devices=jax.devices()[:4], bound_num_t=4,
+                                         report=msgs.append)
+  assert any("resuming, 8 of 12" in m for m in msgs) and s4["results_file"] == s["results_file"]
+  assert len(_entries(s4)) == 12 and s4["repeat_means_nats_per_dim"][:2] == s["repeat_means_nats_per_dim"]
+  # ... and fewer repeats summarize only repeats < num_repeats of that file.
+  c.eval.num_repeats = 1
+  (s1,) = evaluation.evaluate_likelihood(c, d, devices=jax.devices()[:4], bound_num_t=4,
+                                         report=lambda *_: None)
+  assert s1["repeat_means_nats_per_dim"] == s["repeat_means_nats_per_dim"][:1]
 
 
 # ---------------------------------------------------------------------------------------------------
