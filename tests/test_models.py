@@ -266,8 +266,8 @@ def official_ncsnpp_state_shapes(config):
       else:
         resblock(in_ch, down=True)
       if m.progressive_input == "input_skip":
-        resample(input_pyramid_ch, None, False)
-        add(conv(in_ch, input_pyramid_ch, 1, "Conv."))
+        # self.pyramid_downsample: an attribute, not an entry of all_modules; Combine's conv is Conv_0
+        add(conv(in_ch, input_pyramid_ch, 1, "Conv_0."))
         if m.progressive_combine == "cat":
           in_ch *= 2
       elif m.progressive_input == "residual":
@@ -298,7 +298,7 @@ def official_ncsnpp_state_shapes(config):
           pyramid_ch = in_ch
       else:
         if m.progressive == "output_skip":
-          resample(pyramid_ch, None, False)
+          # self.pyramid_upsample: an attribute, not an entry of all_modules
           top_gn(in_ch)
           top_conv(channels, in_ch)
           pyramid_ch = channels

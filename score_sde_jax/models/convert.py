@@ -14,8 +14,11 @@ How names map:
 * NCSN++ / DDPM++ / DDPM keep their modules in one list, `all_modules.<i>`, in the order the forward pass
   uses them.  Our modules are created in the same order; the order is read by tracing the model once with
   `nn.intercept_methods` (no computation), and `all_modules.<i>.<rest>` ↔ `<i-th module name>/<rest>`.
-  Inside blocks the official names are ours (GroupNorm_0, Conv_1, Dense_0, NIN_2, Conv2d_0 …), except the
-  1x1 convolution of `Combine`, called `Conv` in PyTorch and `Conv_0` here.
+  The parameter-free pyramid resamplers of `progressive='output_skip'` / `progressive_input='input_skip'`
+  are not in the PyTorch list (they are the attributes `pyramid_upsample` / `pyramid_downsample`) although
+  the official JAX names count them (`Upsample_k`, `Downsample_k`, as ours do), so they take no index.
+  Inside blocks the official names are ours (GroupNorm_0, Conv_1, Dense_0, NIN_2, Conv2d_0, Combine's
+  Conv_0 …).
 * NCSN / NCSNv2 use attribute names (begin_conv, res1.0.conv1, refine2.adapt_convs.1.1_2_conv …); ours
   are the same with list indices joined by '_' (res1_0, adapt_convs_1).
 * Leaves: conv weight OIHW ↔ kernel HWIO; Linear weight (out, in) ↔ Dense kernel (in, out); GroupNorm
@@ -36,10 +39,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from score_sde_jax.models import layerspp
+
 _LIST_FAMILY = ("ncsnpp", "ddpm")
 _ATTR_FAMILY = ("ncsn", "ncsnv2_64", "ncsnv2_128", "ncsnv2_256")
 _LIST_CONTAINER = re.compile(r"^(res\d+|adapt_convs|convs|norms)_(\d+)$")
 _IGNORED_BUFFERS = ("sigmas",)
+# Modules the official JAX network counts in its names but the PyTorch port keeps outside all_modules.
+_OUTSIDE_LIST = (layerspp.PyramidUpsample, layerspp.PyramidDownsample)
 
 
 def _to_numpy(v) -> np.ndarray:
@@ -78,7 +85,7 @@ def param_shapes_and_order(config):
   def interceptor(next_fun, args, kw, context):
     mod = context.module
     if context.method_name == "__call__" and mod.parent is not None and mod.scope is not None:
-      if len(mod.scope.path) == 1 and mod.name not in order:
+      if len(mod.scope.path) == 1 and mod.name not in order and not isinstance(mod, _OUTSIDE_LIST):
         order.append(mod.name)
     return next_fun(*args, **kw)
 
@@ -164,8 +171,6 @@ def torch_name_map(config):
         if top not in index:
           raise RuntimeError(f"internal: module {top!r} was not seen in the call order {order}.")
         inner = list(path[1:-1])
-        if top.startswith("Combine_") and inner == ["Conv_0"]:
-          inner = ["Conv"]
         key = ".".join([f"all_modules.{index[top]}"] + inner + [tleaf])
       mapping[path] = (key, kind, tuple(sd.shape))
   elif name in _ATTR_FAMILY:

@@ -109,6 +109,17 @@ class Downsample(nn.Module):
     return x
 
 
+class PyramidUpsample(Upsample):
+  """The parameter-free ×2 resampler of the output pyramid (`progressive='output_skip'`).  The official
+  JAX network names it `Upsample_k` and counts it like any other; the PyTorch port holds it outside its
+  `all_modules` list (`pyramid_upsample`), so the converter leaves it out of the module index."""
+
+
+class PyramidDownsample(Downsample):
+  """The parameter-free /2 resampler of the input pyramid (`progressive_input='input_skip'`): named
+  `Downsample_k` as in the official JAX network, outside the PyTorch port's `all_modules`."""
+
+
 class ResnetBlockDDPMpp(nn.Module):
   """DDPM residual block with min(C/4, 32)-group GroupNorm and optional skip rescaling."""
 

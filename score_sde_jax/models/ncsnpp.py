@@ -149,13 +149,13 @@ class NCSNpp(nn.Module):
       return layerspp.AttnBlockpp(init_scale=init_scale, skip_rescale=skip_rescale, dtype=dtype,
                                   name=name("AttnBlockpp"))(h)
 
-    def upsample(h, with_conv, out_ch=None):
-      return layerspp.Upsample(out_ch=out_ch, with_conv=with_conv, fir=fir, fir_kernel=fir_kernel,
-                               dtype=dtype, name=name("Upsample"))(h)
+    def upsample(h, with_conv, out_ch=None, cls=layerspp.Upsample):
+      return cls(out_ch=out_ch, with_conv=with_conv, fir=fir, fir_kernel=fir_kernel, dtype=dtype,
+                 name=name("Upsample"))(h)
 
-    def downsample(h, with_conv, out_ch=None):
-      return layerspp.Downsample(out_ch=out_ch, with_conv=with_conv, fir=fir, fir_kernel=fir_kernel,
-                                 dtype=dtype, name=name("Downsample"))(h)
+    def downsample(h, with_conv, out_ch=None, cls=layerspp.Downsample):
+      return cls(out_ch=out_ch, with_conv=with_conv, fir=fir, fir_kernel=fir_kernel, dtype=dtype,
+                 name=name("Downsample"))(h)
 
     # -- down path ---------------------------------------------------------------------------------
     if not config.data.centered:
@@ -178,7 +178,7 @@ class NCSNpp(nn.Module):
           h = resblock(hs[-1], down=True)
 
         if progressive_input == "input_skip":
-          input_pyramid = downsample(input_pyramid, with_conv=False)
+          input_pyramid = downsample(input_pyramid, with_conv=False, cls=layerspp.PyramidDownsample)
           h = layerspp.Combine(method=combine_method, dtype=dtype, name=name("Combine"))(
               input_pyramid, h)
         elif progressive_input == "residual":
@@ -212,7 +212,7 @@ class NCSNpp(nn.Module):
             pyramid = conv3x3(act(gnorm(h)), h.shape[-1])
         else:
           if progressive == "output_skip":
-            pyramid = upsample(pyramid, with_conv=False)
+            pyramid = upsample(pyramid, with_conv=False, cls=layerspp.PyramidUpsample)
             pyramid = pyramid + conv3x3(act(gnorm(h)), channels, init_scale=init_scale)
           else:
             pyramid = upsample(pyramid, with_conv=True, out_ch=h.shape[-1])
