@@ -2,9 +2,11 @@
 
 Built on `config_defaults.base_config()` (official field names).  The files under `configs/ve`,
 `configs/vp`, `configs/subvp` and `configs/mnist` call these functions, so each paper setting is one
-named file; the values are those of the official score_sde configs (batch 128, Adam 2e-4, warm-up 5000,
-gradient clipping 1, EMA 0.999 for VE / 0.9999 for VP and sub-VP, 1.3M iterations or 950k for the deep
-models, dropout 0.1, σ ∈ [0.01, 50] on CIFAR-10, β ∈ [0.1, 20]).
+named file at the official file's path; the values are those of the official score_sde configs (batch 128,
+Adam 2e-4, warm-up 5000, gradient clipping 1, EMA 0.999 for VE / 0.9999 for VP and sub-VP, 1.3M iterations
+or 950k for the deep models, dropout 0.1, σ ∈ [0.01, 50] on CIFAR-10, β ∈ [0.1, 20]).
+`tests/test_official_configs.py` checks every field of every official file against
+`tests/data/official_configs.json`.
 
 Model fields added here for the image networks: ch_mult, num_res_blocks, attn_resolutions,
 resamp_with_conv, conditional, fir, fir_kernel, skip_rescale, resblock_type, progressive,
@@ -48,12 +50,20 @@ def _image_model_fields(config):
 # dataset defaults (official default_*_configs)
 # --------------------------------------------------------------------------------------------------
 def cifar10_config() -> ml_collections.ConfigDict:
-  """CIFAR-10 32x32 defaults."""
+  """CIFAR-10 32x32 defaults (official default_cifar10_configs.py)."""
   config = _image_model_fields(base_config())
-  config.training.batch_size = 128
-  config.training.n_iters = 1300001
-  config.eval.begin_ckpt = 9
-  config.eval.end_ckpt = 26
+  t = config.training
+  t.batch_size = 128
+  t.n_iters = 1300001
+  t.snapshot_freq = 50000
+  t.snapshot_freq_for_preemption = 10000
+  t.n_jitted_steps = 5                      # official JAX default (5 steps per compiled call)
+  config.sampling.snr = 0.16
+  e = config.eval
+  e.begin_ckpt = 9
+  e.end_ckpt = 26
+  e.batch_size = 1024
+  e.enable_sampling = False
   data = config.data
   data.dataset = "CIFAR10"
   data.image_size = 32
@@ -81,54 +91,81 @@ def svhn_config() -> ml_collections.ConfigDict:
 
 
 def celeba_config() -> ml_collections.ConfigDict:
-  """CelebA 64x64 (centre-cropped) defaults."""
+  """CelebA 64x64 (centre-cropped) defaults (official default_celeba_configs.py)."""
   config = cifar10_config()
-  config.eval.begin_ckpt = 5
-  config.eval.end_ckpt = 5
+  config.sampling.snr = 0.17
+  config.eval.begin_ckpt = 1
+  config.eval.end_ckpt = 26
+  config.eval.enable_sampling = True
   config.data.dataset = "CELEBA"
   config.data.image_size = 64
   config.model.sigma_max = 90.0
   return config
 
 
-def lsun_config(category: str = "bedroom", image_size: int = 256) -> ml_collections.ConfigDict:
-  """LSUN (bedroom / church_outdoor) 256x256 defaults."""
+def _lsun_defaults(image_size: int = 256) -> ml_collections.ConfigDict:
+  """The official default_lsun_configs.py values (also the base of the 256px FFHQ / CelebA-HQ configs)."""
   config = cifar10_config()
-  config.training.batch_size = 64
-  config.training.n_iters = 2400001
-  config.training.snapshot_freq = 50000
+  t = config.training
+  t.batch_size = 64
+  t.n_iters = 2400001
+  t.snapshot_freq = 50000
+  t.snapshot_freq_for_preemption = 5000
   config.sampling.snr = 0.075
-  config.eval.begin_ckpt = 50
-  config.eval.end_ckpt = 96
-  config.eval.batch_size = 512
+  e = config.eval
+  e.begin_ckpt = 50
+  e.end_ckpt = 96
+  e.batch_size = 512
+  e.enable_sampling = True
   config.data.dataset = "LSUN"
-  config.data.category = category           # LSUN only
   config.data.image_size = image_size
-  config.model.sigma_max = 378.0
-  config.model.num_scales = 2000
-  config.model.dropout = 0.0
+  m = config.model
+  m.sigma_max = 378.0
+  m.num_scales = 2000
+  m.dropout = 0.0
   config.optim.lr = 2e-4
   return config
 
 
+def lsun_config(category: str = "bedroom", image_size: int = 256) -> ml_collections.ConfigDict:
+  """LSUN (bedroom / church_outdoor) defaults, 256x256 unless `image_size` says otherwise."""
+  config = _lsun_defaults(image_size)
+  config.data.category = category           # LSUN only
+  return config
+
+
 def ffhq_config(image_size: int = 1024, dataset: str = "FFHQ") -> ml_collections.ConfigDict:
-  """FFHQ (or CelebA-HQ with dataset='CelebAHQ') high-resolution defaults."""
+  """FFHQ (or CelebA-HQ with dataset='CelebAHQ') defaults.
+
+  256x256: the LSUN defaults with the dataset swapped, as in the official ffhq_256 / celebahq_256 configs
+  (their VE σ_max = 348 is passed to `ncsnpp_hires`).  1024x1024: the settings of the official
+  stand-alone ffhq / celebahq NCSN++ configs (batch 8, σ_max = 1348, evaluation of checkpoints 1-96); they
+  set no n_jitted_steps, and one step per compiled call keeps the memory of the 1024px model in check.
+  """
   if dataset not in ("FFHQ", "CelebAHQ"):
     raise ValueError(f"ffhq_config: dataset must be 'FFHQ' or 'CelebAHQ'; got {dataset!r}.")
+  if image_size < 1024:
+    config = _lsun_defaults(image_size)
+    config.data.dataset = dataset
+    return config
   config = cifar10_config()
-  config.training.batch_size = 8
-  config.training.n_iters = 2400001
-  config.training.snapshot_freq = 50000
+  t = config.training
+  t.batch_size = 8
+  t.n_iters = 2400001
+  t.snapshot_freq = 50000
+  t.snapshot_freq_for_preemption = 5000
+  t.n_jitted_steps = 1
   config.sampling.snr = 0.15
-  config.eval.begin_ckpt = 50
-  config.eval.end_ckpt = 96
-  config.eval.batch_size = 64
+  e = config.eval
+  e.begin_ckpt = 1
+  e.end_ckpt = 96
+  e.batch_size = 1024
   config.data.dataset = dataset
   config.data.image_size = image_size
-  sigma_max = {1024: 1348.0, 256: 348.0}.get(image_size, 348.0 * image_size / 256)
-  config.model.sigma_max = sigma_max
-  config.model.num_scales = 2000
-  config.model.dropout = 0.0
+  m = config.model
+  m.sigma_max = 1348.0
+  m.num_scales = 2000
+  m.dropout = 0.0
   config.optim.lr = 2e-4
   return config
 
@@ -146,6 +183,7 @@ def mnist_config() -> ml_collections.ConfigDict:
   config.training.snapshot_freq_for_preemption = 2500
   config.training.log_freq = 100
   config.training.eval_freq = 500
+  config.training.n_jitted_steps = 1
   config.eval.begin_ckpt = 1
   config.eval.end_ckpt = 6
   config.eval.batch_size = 500
@@ -228,18 +266,24 @@ def ncsnpp(config, sde: str = "vesde", continuous: bool = True, deep: bool = Fal
   return config
 
 
-def ncsnpp_hires(config):
+def ncsnpp_hires(config, sigma_max=None):
   """High-resolution NCSN++ (the official 256² and 1024² settings) on top of `ncsnpp(...)`:
-  output_skip / input_skip pyramids; 1024² uses nf = 16 over nine resolutions."""
+  output_skip / input_skip pyramids.  256²: nf = 128 over seven resolutions, two blocks each; 1024²:
+  nf = 16 over eight resolutions (ch_mult up to 32), one block each, EMA 0.9999.  `sigma_max`: the VE
+  σ_max of the official file where it differs from the dataset default (church 380, FFHQ / CelebA-HQ
+  256² 348)."""
   m = config.model
   if config.data.image_size >= 1024:
     m.nf = 16
-    m.ch_mult = (1, 2, 4, 8, 16, 16, 16, 16, 16)
+    m.ch_mult = (1, 2, 4, 8, 16, 32, 32, 32)
     m.num_res_blocks = 1
+    m.ema_rate = 0.9999
   else:
     m.nf = 128
     m.ch_mult = (1, 1, 2, 2, 2, 2, 2)
     m.num_res_blocks = 2
+  if sigma_max is not None:
+    m.sigma_max = float(sigma_max)
   m.attn_resolutions = (16,)
   m.fourier_scale = 16
   m.progressive = "output_skip"
@@ -263,7 +307,8 @@ def ddpmpp(config, sde: str = "vpsde", continuous: bool = True, deep: bool = Fal
 
 
 def ddpm(config, sde: str = "vpsde", continuous: bool = False):
-  """The DDPM U-Net (35.7M parameters on CIFAR-10)."""
+  """The DDPM U-Net (35.7M parameters on CIFAR-10).  Like the official configs it leaves
+  model.embedding_type at the dataset default (the U-Net always embeds the timestep sinusoidally)."""
   _sde_settings(config, sde, continuous)
   m = config.model
   m.name = "ddpm"
@@ -276,66 +321,72 @@ def ddpm(config, sde: str = "vpsde", continuous: bool = False):
   m.attn_resolutions = (16,)
   m.resamp_with_conv = True
   m.conditional = True
-  m.embedding_type = "positional"
   return config
 
 
-def ncsn(config):
-  """NCSN (v1): 10 noise levels σ ∈ [0.01, 1], conditional InstanceNorm++, annealed Langevin."""
-  _sde_settings(config, "vesde", False)
-  t = config.training
-  t.batch_size = 128
-  t.n_iters = 200001
-  s = config.sampling
-  s.predictor = "none"
-  s.corrector = "annealed_langevin"
-  s.n_steps_each = 100
-  s.snr = 0.316
+def ddpm_hires(config):
+  """DDPM at 256x256 (Ho et al.; official vp/ddpm/{bedroom,church,celebahq}) on top of `ddpm(...)`:
+  ch_mult (1, 1, 2, 2, 4, 4), 1000 noise levels, learning rate 2e-5."""
   m = config.model
-  m.name = "ncsn"
-  m.scale_by_sigma = False
-  m.sigma_max = 1.0
-  m.sigma_min = 0.01
-  m.num_scales = 10
-  m.ema_rate = 0.0
-  m.normalization = "InstanceNorm++"
-  m.nonlinearity = "elu"
-  m.nf = 128
-  m.interpolation = "bilinear"
-  m.embedding_type = "positional"
-  config.optim.lr = 1e-3
-  config.optim.warmup = 0
-  config.optim.grad_clip = -1.0
+  m.ch_mult = (1, 1, 2, 2, 4, 4)
+  m.num_res_blocks = 2
+  m.attn_resolutions = (16,)
+  m.num_scales = 1000
+  config.optim.lr = 2e-5
   return config
 
 
-def ncsnv2(config, num_scales: int = 232, sigma_max: float = 50.0):
-  """NCSNv2: unconditional RefineNet, output divided by σ, annealed Langevin (PC with ALD corrector)."""
-  from score_sde_jax.models.ncsnv2 import get_ncsnv2_name
-  _sde_settings(config, "vesde", False)
-  t = config.training
-  t.batch_size = 128
-  t.n_iters = 300001
+def _annealed_langevin(config, n_steps_each: int, snr: float):
   s = config.sampling
+  s.method = "pc"
   s.predictor = "none"
-  s.corrector = "annealed_langevin"
-  s.n_steps_each = 5
-  s.snr = 0.176
+  s.corrector = "annealed_langevin"  # the official configs' 'ald'
+  s.n_steps_each = n_steps_each
+  s.snr = snr
+
+
+def _ncsn_family(config, name: str, scale_by_sigma: bool, num_scales: int, sigma_max, ema_rate: float,
+                 lr: float):
+  _sde_settings(config, "vesde", False)
+  config.training.batch_size = 128
   m = config.model
-  m.name = get_ncsnv2_name(int(config.data.image_size))
-  m.scale_by_sigma = True
-  m.sigma_max = sigma_max
+  m.name = name
+  m.scale_by_sigma = scale_by_sigma
+  if sigma_max is not None:
+    m.sigma_max = float(sigma_max)
   m.sigma_min = 0.01
   m.num_scales = num_scales
-  m.ema_rate = 0.999
+  m.ema_rate = ema_rate
   m.normalization = "InstanceNorm++"
   m.nonlinearity = "elu"
   m.nf = 128
   m.interpolation = "bilinear"
-  m.embedding_type = "positional"
-  config.optim.lr = 1e-4
-  config.optim.warmup = 0
-  config.optim.grad_clip = -1.0
+  o = config.optim
+  o.lr = lr
+  o.warmup = 0
+  o.grad_clip = -1.0                  # no gradient clipping
+  return config
+
+
+def ncsn(config, num_scales: int = 10, sigma_max=1.0, ema_rate: float = 0.0, n_steps_each: int = 100,
+         snr: float = 0.316):
+  """NCSN (v1): conditional InstanceNorm++ RefineNet, annealed Langevin, Adam 1e-3.  The defaults are
+  NCSN itself (10 noise levels σ ∈ [0.01, 1], no EMA, 100 Langevin steps per level); the official
+  ablations (NCSNv2 techniques) change num_scales / sigma_max (None: the dataset's) / ema_rate and the
+  sampler's n_steps_each / snr."""
+  _ncsn_family(config, "ncsn", False, num_scales, sigma_max, ema_rate, 1e-3)
+  _annealed_langevin(config, n_steps_each, snr)
+  return config
+
+
+def ncsnv2(config, num_scales: int = 232, sigma_max=None, ema_rate: float = 0.999, n_steps_each: int = 5,
+           snr: float = 0.176):
+  """NCSNv2: unconditional RefineNet (64 / 128 / 256 variant by image size), output divided by σ,
+  annealed Langevin, Adam 1e-4.  sigma_max None: the dataset default (CIFAR-10 50, CelebA 90)."""
+  from score_sde_jax.models.ncsnv2 import get_ncsnv2_name
+  _ncsn_family(config, get_ncsnv2_name(int(config.data.image_size)), True, num_scales, sigma_max, ema_rate,
+               1e-4)
+  _annealed_langevin(config, n_steps_each, snr)
   return config
 
 

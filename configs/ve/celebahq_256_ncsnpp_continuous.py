@@ -1,6 +1,7 @@
-"""NCSN++ cont. (VE), CelebA-HQ 256x256."""
+"""NCSN++ cont. (VE), CelebA-HQ 256x256 (σ_max = 348)."""
 from score_sde_jax import image_configs
 
 
 def get_config():
-  return image_configs.ncsnpp_hires(image_configs.ncsnpp(image_configs.celebahq_config(256), 'vesde', continuous=True))
+  config = image_configs.ncsnpp(image_configs.celebahq_config(256), 'vesde', continuous=True)
+  return image_configs.ncsnpp_hires(config, sigma_max=348.0)

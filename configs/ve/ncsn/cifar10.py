@@ -1,4 +1,4 @@
-"""NCSN (v1), CIFAR-10: 10 noise levels, annealed Langevin dynamics."""
+"""NCSN (v1), CIFAR-10: 10 noise levels σ ∈ [0.01, 1], annealed Langevin dynamics."""
 from score_sde_jax import image_configs
 
 

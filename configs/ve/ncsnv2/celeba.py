@@ -3,4 +3,4 @@ from score_sde_jax import image_configs
 
 
 def get_config():
-  return image_configs.ncsnv2(image_configs.celeba_config(), num_scales=500, sigma_max=90.0)
+  return image_configs.ncsnv2(image_configs.celeba_config(), num_scales=500, snr=0.128)

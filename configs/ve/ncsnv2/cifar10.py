@@ -3,4 +3,4 @@ from score_sde_jax import image_configs
 
 
 def get_config():
-  return image_configs.ncsnv2(image_configs.cifar10_config(), num_scales=232, sigma_max=50.0)
+  return image_configs.ncsnv2(image_configs.cifar10_config(), num_scales=232)

@@ -1,0 +1,7 @@
+"""NCSN, CIFAR-10, with NCSNv2 techniques 1, 2, 4, 5 (as cifar10_124 plus EMA 0.999)."""
+from score_sde_jax import image_configs
+
+
+def get_config():
+  return image_configs.ncsn(image_configs.cifar10_config(), num_scales=232, sigma_max=None, ema_rate=0.999,
+                            n_steps_each=5, snr=0.176)
