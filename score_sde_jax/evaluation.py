@@ -387,13 +387,16 @@ def evaluate_likelihood(config, workdir: str, *, checkpoints="latest", devices: 
                         batch_size: Optional[int] = None, max_examples: Optional[int] = None,
                         seed: Optional[int] = None, bound: bool = True, bound_num_t: int = 16,
                         stop_after: Optional[int] = None, progress: bool = False,
-                        report: Optional[Callable[[str], None]] = None, params=None) -> List[dict]:
+                        report: Optional[Callable[[str], None]] = None, params=None,
+                        pretrained=None) -> List[dict]:
   """Bits/dim (images) or NLL (toy) of the EMA parameters of the chosen checkpoints; see the module
   docstring.  Returns one summary dict per checkpoint (also written to `<workdir>/eval/*.summary.json`).
 
   max_examples: evaluate only the first n examples of the split.  stop_after: stop after computing
   that many new (repeat, batch) entries (simulates an interruption; the summary is then None).
   params: evaluate these parameters instead of a checkpoint (checkpoints is then ignored; step -1).
+  pretrained: a `checkpoints.Pretrained` (any checkpoint format) to evaluate instead of the workdir's
+  checkpoints; results still go to `<workdir>/eval/`, in a file named by the weights' fingerprint.
   """
   from score_sde_jax import models
   from score_sde_jax.train import config_utils, loop, parallel
@@ -409,7 +412,10 @@ def evaluate_likelihood(config, workdir: str, *, checkpoints="latest", devices: 
   s = settings_from_config(config, batch_size=batch_size, max_examples=max_examples, seed=seed,
                            num_devices=n_dev, bound=bound, bound_num_t=bound_num_t)
   toy = loop.is_toy(config)
-  if params is None:
+  if pretrained is not None:
+    params = pretrained.variables
+    steps = [pretrained.step if pretrained.step is not None else -1]
+  elif params is None:
     steps = select_checkpoints(config, workdir, checkpoints)
   else:
     steps = [-1]
@@ -430,10 +436,14 @@ def evaluate_likelihood(config, workdir: str, *, checkpoints="latest", devices: 
   for step in steps:
     p = params if params is not None else _restore_ema(config, workdir, step)
     p = parallel.replicate(p, mesh)
-    name = f"{'nll' if toy else 'bpd'}_step{step}_{s.split}_{s.tag()}"
+    label = f"step{step}" if pretrained is None else f"{pretrained.format}_step{step}_{pretrained.fingerprint}"
+    name = f"{'nll' if toy else 'bpd'}_{label}_{s.split}_{s.tag()}"
     out_dir = os.path.join(os.path.abspath(workdir), "eval")
     header = {"step": step, "settings": dataclasses.asdict(s), "dataset": str(config.data.dataset),
               "num_examples": num_examples, "unit": unit}
+    if pretrained is not None:
+      header.update(checkpoint=pretrained.path, format=pretrained.format, weights=pretrained.weights,
+                    fingerprint=pretrained.fingerprint)
     rf = ResultsFile(os.path.join(out_dir, name + ".jsonl"), header) if process0 else None
     done = set(rf.entries) if rf is not None else set()
     if jax.process_count() > 1:

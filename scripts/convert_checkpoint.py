@@ -1,15 +1,19 @@
-"""Convert a released score_sde_pytorch checkpoint (`.pth`) to Flax variables.
+#!/usr/bin/env python
+"""Convert a released checkpoint (official JAX `checkpoint_<k>` or PyTorch `checkpoint_<k>.pth`) into a
+workdir that `scripts/sample.py --workdir` and `scripts/evaluate.py --workdir` read (and that
+`scripts/train.py` can fine-tune from):
 
-  python scripts/convert_checkpoint.py --config configs/ve/cifar10_ncsnpp_continuous.py \
-      --checkpoint checkpoint_24.pth --output ncsnpp_cifar10.msgpack [--ema] [--check]
+  python scripts/convert_checkpoint.py --config configs/vp/cifar10_ddpmpp_continuous.py \\
+      --checkpoint checkpoint_26.pth --workdir runs/ddpmpp_released
 
-A `.npz` of arrays by name is accepted too (no PyTorch needed).  The checkpoint holds the model state dict under 'model' (keys prefixed 'module.') and the EMA under 'ema';
-`--ema` converts the EMA weights (what the paper samples with).  The output is `{'params': …}` serialised
-with flax.serialization (msgpack); load it with
+The workdir gets `config.json` and one orbax checkpoint at the checkpoint's training step, holding the EMA
+weights as `ema_params` (what sampling and evaluation use) and the raw training weights as `params`; the
+optimiser state is fresh (the official Adam moments are not carried over).  `--output vars.msgpack`
+instead (or as well) writes the Flax variables alone (`flax.serialization.msgpack_serialize`), the EMA
+weights unless `--weights raw`.  No PyTorch is needed: `.pth` files are read by
+`score_sde_jax.torch_pickle`, which runs no code from the file.  `--check` runs one forward pass.
 
-  variables = flax.serialization.msgpack_restore(open(path, 'rb').read())
-
-PyTorch is needed only here (the optional extra `score_sde_jax[torch]`).
+Exit status: 0 done, 2 bad config, flags or checkpoint (one `ERROR:` line).
 """
 from __future__ import annotations
 
@@ -18,70 +22,94 @@ import os
 import sys
 
 
-def load_config(path: str):
-  from score_sde_jax.train.config_utils import load_config_file
-  try:
-    return load_config_file(path)
-  except (OSError, ValueError) as e:
-    raise SystemExit(f"cannot load config file {path!r}: {e}") from e
-
-
-def main(argv=None):
+def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--config", required=True, help="config file defining get_config()")
-  parser.add_argument("--checkpoint", required=True, help="official PyTorch checkpoint (.pth)")
-  parser.add_argument("--output", required=True, help="where to write the Flax variables (msgpack)")
-  parser.add_argument("--ema", action="store_true", help="convert the EMA weights instead of the raw ones")
-  parser.add_argument("--check", action="store_true",
-                      help="run one forward pass of the converted model on random input")
+  parser.add_argument("--checkpoint", required=True,
+                      help="official JAX checkpoint_<k> (or a directory of them) or PyTorch .pth")
+  parser.add_argument("--workdir", default=None, help="write a workdir (config.json + checkpoints/<step>)")
+  parser.add_argument("--output", default=None, help="write the Flax variables alone (msgpack)")
+  parser.add_argument("--weights", choices=("ema", "raw"), default="ema",
+                      help="--output: the EMA weights (default, as the paper) or the raw training weights")
+  parser.add_argument("--check", action="store_true", help="run one forward pass of the converted model")
   args = parser.parse_args(argv)
+  try:
+    return _run(args)
+  except ValueError as e:   # CheckpointError, ConfigError and bad values are ValueErrors
+    print(f"ERROR: {str(e).splitlines()[0]}", file=sys.stderr)
+    return 2
 
-  import flax.serialization
+
+def _run(args) -> int:
   import jax
-  import jax.numpy as jnp
   import numpy as np
 
-  from score_sde_jax.models import convert_torch_state_dict, get_model
+  from score_sde_jax import checkpoints
+  from score_sde_jax.train import config_utils
 
-  config = load_config(args.config)
-  if not os.path.exists(args.checkpoint):
-    raise SystemExit(f"checkpoint {args.checkpoint!r} not found")
-  if args.checkpoint.endswith(".npz"):
-    # a state dict saved with numpy (names → arrays; an 'sd/' prefix, as in the test fixtures, is dropped)
-    data = np.load(args.checkpoint)
-    ckpt = {(k[3:] if k.startswith("sd/") else k): data[k] for k in data.files
-            if k.startswith("sd/") or not any(f.startswith("sd/") for f in data.files)}
-  else:
-    try:
-      import torch  # noqa: WPS433  (optional dependency, imported only here)
-    except ImportError:
-      raise SystemExit("PyTorch is required to read .pth files: pip install 'score_sde_jax[torch]'")
-    ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
-
-    def to_numpy(obj):
-      if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu().float().numpy()
-      if isinstance(obj, dict):
-        return {k: to_numpy(v) for k, v in obj.items()}
-      if isinstance(obj, (list, tuple)):
-        return [to_numpy(v) for v in obj]
-      return obj
-
-    ckpt = to_numpy(ckpt)
-  variables = convert_torch_state_dict(config, ckpt, use_ema=args.ema)
-  n = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(variables))
-  with open(args.output, "wb") as f:
-    f.write(flax.serialization.msgpack_serialize(jax.device_get(variables)))
-  print(f"wrote {args.output}: {n:,} parameters ({'EMA' if args.ema else 'raw'} weights of "
-        f"model.name={config.model.name!r})")
-
+  if args.workdir is None and args.output is None:
+    raise ValueError("nothing to write: pass --workdir DIR (a workdir for sample.py/evaluate.py) and/or "
+                     "--output FILE.msgpack (the variables alone).")
+  try:
+    config = config_utils.load_config_file(args.config)
+  except (OSError, ValueError) as e:
+    raise ValueError(f"cannot load config file {args.config!r}: {e}") from None
+  if args.workdir is not None and os.path.isdir(os.path.join(args.workdir, "checkpoints")) and os.listdir(
+      os.path.join(args.workdir, "checkpoints")):
+    raise ValueError(f"{args.workdir} already holds checkpoints; convert into a new --workdir (nothing was "
+                     f"written).")
+  ema = checkpoints.read_pretrained(args.checkpoint, config, weights="ema")
+  n = sum(int(np.prod(np.shape(a))) for a in jax.tree.leaves(ema.variables))
+  print(f"read {ema.path} ({ema.format}, step {ema.step}): {n:,} parameters of "
+        f"model.name={config.model.name!r}")
+  if args.output is not None:
+    import flax.serialization
+    chosen = ema if args.weights == "ema" else checkpoints.read_pretrained(ema.path, config, weights="raw")
+    tmp = args.output + ".tmp"
+    with open(tmp, "wb") as f:
+      f.write(flax.serialization.msgpack_serialize(jax.tree.map(np.asarray, chosen.variables)))
+    os.replace(tmp, args.output)
+    print(f"wrote {args.output}: the {args.weights.upper() if args.weights == 'ema' else 'raw'} weights "
+          f"(fingerprint {chosen.fingerprint})")
+  if args.workdir is not None:
+    raw = checkpoints.read_pretrained(ema.path, config, weights="raw")
+    path = write_workdir(args.workdir, config, ema, raw)
+    print(f"wrote {path}: EMA weights (fingerprint {ema.fingerprint}) and raw weights of step {ema.step}; "
+          f"sample with `python scripts/sample.py --workdir {args.workdir}`")
   if args.check:
+    import jax.numpy as jnp
+    from score_sde_jax.models import get_model
     from score_sde_jax.models.convert import _dummy_inputs
     x, labels, kwargs = _dummy_inputs(config, batch=2)
     x = jax.random.uniform(jax.random.PRNGKey(0), x.shape)
-    out = get_model(config).apply(variables, x, labels, train=False, **kwargs)
+    out = get_model(config).apply(ema.variables, x, labels, train=False, **kwargs)
     print(f"forward check: output {out.shape}, finite={bool(jnp.all(jnp.isfinite(out)))}")
   return 0
+
+
+def write_workdir(workdir: str, config, ema, raw) -> str:
+  """A workdir whose one checkpoint (at the released step) holds `raw` as params and `ema` as ema_params."""
+  import jax
+  import jax.numpy as jnp
+
+  from score_sde_jax.train import checkpoint as ckpt_lib
+  from score_sde_jax.train import config_utils
+  from score_sde_jax.train import state as state_lib
+
+  tx, _ = state_lib.get_optimizer(config)
+  params = jax.tree.map(jnp.asarray, raw.variables)
+  step = int(ema.step or 0)
+  state = state_lib.TrainState(step=jnp.asarray(step, jnp.int32), params=params,
+                               ema_params=jax.tree.map(jnp.asarray, ema.variables), opt_state=tx.init(params),
+                               rng=jax.random.PRNGKey(int(config.seed)))
+  os.makedirs(workdir, exist_ok=True)
+  config_utils.save_config(workdir, config)
+  ck = ckpt_lib.Checkpointer(workdir, async_save=False)
+  try:
+    ck.save(step, state, ckpt_lib.converted_data_state(ema.path), wait=True)
+  finally:
+    ck.close()
+  return os.path.join(ckpt_lib.checkpoint_dir(workdir), str(step))
 
 
 if __name__ == "__main__":

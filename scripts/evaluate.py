@@ -1,6 +1,13 @@
 #!/usr/bin/env python
-"""Bits/dim of a trained workdir over a whole split:
-`python scripts/evaluate.py --config configs/mnist/vp.py --workdir runs/mnist_vp --config.eval.enable_bpd=True`.
+"""Bits/dim of a trained workdir, or of any checkpoint, over a whole split:
+
+  python scripts/evaluate.py --config configs/mnist/vp.py --workdir runs/mnist_vp --config.eval.enable_bpd=True
+  python scripts/evaluate.py --config configs/subvp/cifar10_ddpmpp_deep_continuous.py \
+      --checkpoint checkpoint_26.pth --config.eval.enable_bpd=True
+
+`--checkpoint`: an official JAX checkpoint (`checkpoint_<k>` or a directory of them), an official PyTorch
+`.pth` or a workdir (`score_sde_jax.checkpoints`), its EMA weights (`--weights raw` for the training ones);
+results go to `--workdir/eval/` or, without `--workdir`, to `<checkpoint>_outputs/eval/` beside it.
 
 Evaluates the EMA parameters of the newest checkpoint (`--checkpoints=latest`), of every checkpoint with
 index in [eval.begin_ckpt, eval.end_ckpt] (`--checkpoints=range`, index i = step i·training.snapshot_freq,
@@ -25,7 +32,11 @@ from ml_collections import config_flags
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (default: the workdir's saved config).",
                                 lock_config=True)
-flags.DEFINE_string("workdir", None, "Training workdir (holds config.json and checkpoints/).")
+flags.DEFINE_string("workdir", None, "Training workdir (holds config.json and checkpoints/); with "
+                    "--checkpoint: where the results go.")
+flags.DEFINE_string("checkpoint", None, "Evaluate this checkpoint instead of the workdir's: official JAX "
+                    "checkpoint_<k> (or a directory of them), official PyTorch .pth, or a workdir.")
+flags.DEFINE_enum("weights", "ema", ["ema", "raw"], "EMA weights (the paper's) or the raw training weights.")
 flags.DEFINE_string("checkpoints", "latest", "'latest', 'range' (eval.begin_ckpt..end_ckpt) or steps "
                     "'5000,10000'.")
 flags.DEFINE_integer("batch_size", None, "Global batch (default eval.batch_size; padded to a multiple "
@@ -36,7 +47,6 @@ flags.DEFINE_bool("bound", True, "Also compute ScoreFlow's variational bound.")
 flags.DEFINE_integer("bound_num_t", 16, "Monte Carlo draws of t per example for the bound.")
 flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() (also: SCORE_SDE_DISTRIBUTED=1).")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
-flags.mark_flags_as_required(["workdir"])
 
 
 def main(argv):
@@ -44,10 +54,16 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   from score_sde_jax.train import parallel
   parallel.maybe_initialize_distributed(True if FLAGS.multihost else None)
-  from score_sde_jax import evaluation
+  from score_sde_jax import checkpoints, evaluation
   from score_sde_jax.train import restore
 
   try:
+    if FLAGS.workdir is None and FLAGS.checkpoint is None:
+      raise evaluation.EvalError("pass --workdir (a training workdir) or --checkpoint (any checkpoint, "
+                                 "with --config).")
+    if FLAGS.config is None and FLAGS.checkpoint is not None:
+      raise evaluation.EvalError(f"pass --config <the config {FLAGS.checkpoint} was trained with>, e.g. "
+                                 f"configs/subvp/cifar10_ddpmpp_deep_continuous.py.")
     if FLAGS.config is not None:
       config = FLAGS.config
     else:
@@ -67,9 +83,16 @@ def main(argv):
       except ValueError:
         raise evaluation.EvalError(f"--checkpoints must be 'latest', 'range' or comma-separated steps; "
                                    f"got {FLAGS.checkpoints!r}") from None
-    evaluation.evaluate_likelihood(config, FLAGS.workdir, checkpoints=which, batch_size=FLAGS.batch_size,
+    pretrained, workdir = None, FLAGS.workdir
+    if FLAGS.checkpoint is not None:
+      pretrained = checkpoints.read_pretrained(FLAGS.checkpoint, config, weights=FLAGS.weights)
+      workdir = workdir or checkpoints.default_output_dir(pretrained)
+      print(f"{pretrained.weights} weights of step {pretrained.step} from {pretrained.path} "
+            f"({pretrained.format}, fingerprint {pretrained.fingerprint})")
+    evaluation.evaluate_likelihood(config, workdir, checkpoints=which, batch_size=FLAGS.batch_size,
                                    max_examples=FLAGS.max_examples, seed=FLAGS.seed, bound=FLAGS.bound,
-                                   bound_num_t=FLAGS.bound_num_t, progress=FLAGS.progress)
+                                   bound_num_t=FLAGS.bound_num_t, progress=FLAGS.progress,
+                                   pretrained=pretrained)
   except (evaluation.EvalError, ValueError) as e:
     print(f"ERROR: {e}", file=sys.stderr)
     sys.exit(2)

@@ -1,12 +1,21 @@
 #!/usr/bin/env python
-"""Draw samples from a trained workdir: `python scripts/sample.py --workdir runs/ring8 --num_samples 1000`.
+"""Draw samples from a trained workdir or any checkpoint:
 
-Uses the workdir's saved config (override any field with `--config.a.b=value` after `--config` points
-to a config file, or with `--set a.b=value` on the saved one) and the EMA parameters of the newest good
-checkpoint (or `--step`).  Samples are drawn with the config's sampler (`sampling.method`, predictor,
-corrector, ...) in batches of `--batch_size`, each batch one compiled program sharded over all devices,
-with a progress bar; they are written in data space to `<workdir>/samples/sample_<step>.npz` (`samples`,
-`nfe`) and a PNG (image grid, or a scatter beside test data for toy data).
+  python scripts/sample.py --workdir runs/ring8 --num_samples 1000
+  python scripts/sample.py --config configs/vp/cifar10_ddpmpp_continuous.py --checkpoint checkpoint_8.pth
+
+`--workdir`: the workdir's saved config (override any field with `--config.a.b=value` after `--config`
+points to a config file, or with `--set a.b=value` on the saved one) and the EMA parameters of its newest
+good checkpoint (or `--step`).  `--checkpoint`: an official JAX checkpoint (`checkpoint_<k>` or a directory
+of them), an official PyTorch `checkpoint_<k>.pth`, or a workdir (see `score_sde_jax.checkpoints`); it
+needs `--config` unless it is a workdir; `--weights raw` takes the training weights instead of the EMA.
+Samples are drawn with the config's sampler (`sampling.method`, predictor, corrector, ...) in batches of
+`--batch_size`, each batch one compiled program sharded over all devices, with a progress bar; they are
+written in data space to `<out dir>/samples/sample_<step>.npz` (`samples`, `nfe`) and a PNG (image grid,
+or a scatter beside test data for toy data).  The output directory is `--workdir`, or else
+`<checkpoint>_outputs/` beside the checkpoint.  Nothing is written next to the checkpoints themselves.
+
+Exit status: 0 done, 2 bad config, flags or checkpoint (one `ERROR:` line).
 """
 import os
 import time
@@ -15,7 +24,11 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Training workdir (holds config.json and checkpoints/).")
+flags.DEFINE_string("workdir", None, "Training workdir (holds config.json and checkpoints/); with "
+                    "--checkpoint: where the samples go.")
+flags.DEFINE_string("checkpoint", None, "Checkpoint to sample from instead of the workdir's: official JAX "
+                    "checkpoint_<k> (or a directory of them), official PyTorch .pth, or a workdir.")
+flags.DEFINE_enum("weights", "ema", ["ema", "raw"], "EMA weights (the paper's) or the raw training weights.")
 config_flags.DEFINE_config_file("config", None, "Optional config file instead of the saved config.",
                                 lock_config=True)
 flags.DEFINE_multi_string("set", [], "Override a field of the saved config: --set sampling.method=ode")
@@ -24,7 +37,6 @@ flags.DEFINE_integer("batch_size", None, "Samples per compiled batch (default: e
 flags.DEFINE_integer("step", None, "Checkpoint step (default: newest good one).")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_string("out", None, "Output .npz path (default: <workdir>/samples/sample_<step>.npz).")
-flags.mark_flags_as_required(["workdir"])
 
 
 def _apply_set(config, assignments):
@@ -44,17 +56,41 @@ def _apply_set(config, assignments):
 
 def main(argv):
   del argv
+  import sys
+  from score_sde_jax import checkpoints
+  try:
+    _main()
+  except (checkpoints.CheckpointError, ValueError, KeyError, FileNotFoundError) as e:
+    msg = str(e).strip("'\"").splitlines()[0] if str(e) else type(e).__name__
+    print(f"ERROR: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _main():
   logging.set_verbosity(logging.WARNING)   # orbax logs every save at INFO
   import jax
   import numpy as np
   from tqdm.auto import tqdm
 
-  from score_sde_jax import models, plotting, sampling, sde as sde_lib
+  from score_sde_jax import checkpoints, models, plotting, sampling, sde as sde_lib
   from score_sde_jax.train import loop, parallel, restore
 
-  config = FLAGS.config if FLAGS.config is not None else restore.load_workdir_config(FLAGS.workdir)
+  if FLAGS.workdir is None and FLAGS.checkpoint is None:
+    raise ValueError("pass --workdir (a training workdir) or --checkpoint (any checkpoint, with --config).")
+  source = FLAGS.checkpoint or FLAGS.workdir
+  if FLAGS.config is not None:
+    config = FLAGS.config
+  elif checkpoints.locate(source)[0] == "workdir":
+    config = restore.load_workdir_config(checkpoints.locate(source)[1])
+  else:
+    raise ValueError(f"{source} is not a training workdir: pass --config <the config the checkpoint was "
+                     f"trained with>, e.g. configs/vp/cifar10_ddpmpp_continuous.py.")
   _apply_set(config, FLAGS.set)
-  step, state = restore.restore_state(config, FLAGS.workdir, FLAGS.step)
+  pre = checkpoints.read_pretrained(source, config, weights=FLAGS.weights, step=FLAGS.step)
+  step = pre.step if pre.step is not None else 0
+  out_dir = FLAGS.workdir or checkpoints.default_output_dir(pre)
+  print(f"{pre.weights} weights of step {pre.step} from {pre.path} ({pre.format}, "
+        f"fingerprint {pre.fingerprint})")
   sde = sde_lib.sde_from_config(config)
   model = models.get_model(config)
   _, inverse_scaler = loop.get_scalers(config)
@@ -74,7 +110,7 @@ def main(argv):
     return inverse_scaler(x), nfe
 
   draw = jax.jit(draw, in_shardings=(rep, rep), out_shardings=(bsh, rep))
-  params = parallel.replicate(state.ema_params, mesh)
+  params = parallel.replicate(pre.variables, mesh)
   out, nfes = [], []
   t0 = time.time()
   with tqdm(total=total, unit="sample", desc=f"sampling ({config.sampling.method})") as bar:
@@ -92,9 +128,10 @@ def main(argv):
   seconds = time.time() - t0
   if jax.process_index() != 0:
     return
-  path = FLAGS.out or os.path.join(FLAGS.workdir, "samples", f"sample_{step:08d}.npz")
+  path = FLAGS.out or os.path.join(out_dir, "samples", f"sample_{step:08d}.npz")
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  np.savez(path, samples=samples, nfe=np.asarray(nfes), step=step)
+  np.savez(path, samples=samples, nfe=np.asarray(nfes), step=step, checkpoint=pre.path,
+           fingerprint=pre.fingerprint)
   png = os.path.splitext(path)[0] + ".png"
   if loop.is_toy(config):
     from score_sde_jax.train import toy_report

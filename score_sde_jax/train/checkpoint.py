@@ -24,6 +24,18 @@ import orbax.checkpoint as ocp
 log = logging.getLogger(__name__)
 
 
+class _ReadOnlyNotices(logging.Filter):
+  """Drops orbax's warnings that a read-only manager is read-only (every reading path would print three)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    msg = record.getMessage()
+    return not (msg.startswith("CheckpointManagerOptions.read_only=True")
+                or msg.startswith("Given directory is read only"))
+
+
+logging.getLogger("absl").addFilter(_ReadOnlyNotices())
+
+
 def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), "checkpoints")
 
@@ -31,11 +43,16 @@ def checkpoint_dir(workdir: str) -> str:
 class Checkpointer:
   """Saves and restores (state, data-iterator states) under `<workdir>/checkpoints`."""
 
-  def __init__(self, workdir: str, snapshot_freq: Optional[int] = None, async_save: bool = True):
+  def __init__(self, workdir: str, snapshot_freq: Optional[int] = None, async_save: bool = True,
+               read_only: bool = False):
+    """`read_only`: for the reading paths (sampling, evaluation, `load_pretrained`): nothing under the
+    workdir is created, cleaned, moved or deleted, and `save` is refused."""
     self.directory = checkpoint_dir(workdir)
+    self.read_only = read_only
     options = ocp.CheckpointManagerOptions(
         max_to_keep=1, keep_period=snapshot_freq if snapshot_freq and snapshot_freq > 0 else None,
-        enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True)
+        enable_async_checkpointing=async_save and not read_only, create=not read_only,
+        cleanup_tmp_directories=not read_only, read_only=read_only)
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
     self.skipped: List[Tuple[int, str]] = []
 
@@ -45,6 +62,8 @@ class Checkpointer:
   def save(self, step: int, state, data_states: Any, wait: bool = False) -> None:
     """Saves `state` (a pytree of jax arrays) and `data_states` (JSON-able) at `step`; every host must
     call it.  With `wait`, blocks until the files are written."""
+    if self.read_only:
+      raise RuntimeError(f"internal: save on a read-only Checkpointer of {self.directory}")
     if step in self.manager.all_steps():
       self.manager.wait_until_finished()
       return
@@ -67,13 +86,13 @@ class Checkpointer:
     None when there is none.  Unreadable checkpoints are skipped with a message (`report`) naming the
     step and the error; they are recorded in `self.skipped` and, once an older one restored, moved to
     `<workdir>/checkpoints_unreadable/` (kept for inspection) so that training can write those steps
-    again."""
+    again — except when read-only, where they are only reported."""
     for step in reversed(self.all_steps()):
       try:
         state, data = self.restore(step, abstract_state)
         if check is not None:
           check(state)
-        if self.skipped:
+        if self.skipped and not self.read_only:
           self._quarantine([s for s, _ in self.skipped], report)
         return step, state, data
       except Exception as e:  # noqa: BLE001  (any read/decode failure means: try the previous one)
@@ -132,8 +151,17 @@ def encode_data_states(local_state: Any) -> Any:
   return {"process_count": n, "states": states}
 
 
+def converted_data_state(source: str) -> Any:
+  """The data entry of a checkpoint converted from another code base (`scripts/convert_checkpoint.py`):
+  there is no data position, so training resumed from it starts the data from the beginning."""
+  return {"process_count": 0, "states": [], "converted_from": source}
+
+
 def decode_data_state(saved: Any) -> Any:
-  """This host's data-iterator state from what `encode_data_states` saved."""
+  """This host's data-iterator state from what `encode_data_states` saved (None for a converted
+  checkpoint, which has no data position)."""
+  if "converted_from" in saved:
+    return None
   n = int(saved["process_count"])
   if n != jax.process_count():
     raise ValueError(f"the checkpoint was written by {n} hosts but this run has "

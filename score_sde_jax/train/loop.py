@@ -213,7 +213,12 @@ def train(config, workdir: str, *, devices: Optional[Sequence] = None, force_res
   resumed_from = None
   if restored is not None:
     resumed_from, state, data_saved = restored
-    train_iter.set_state(ckpt_lib.decode_data_state(data_saved))
+    data_state = ckpt_lib.decode_data_state(data_saved)
+    if data_state is not None:
+      train_iter.set_state(data_state)
+    else:
+      report(f"Checkpoint {resumed_from} was converted from {data_saved['converted_from']}: the data "
+             f"starts from the beginning.")
     first = None
     report(f"Resuming from step {resumed_from} ({os.path.join(ckpt_dir, str(resumed_from))}).")
   else:

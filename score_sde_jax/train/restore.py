@@ -37,13 +37,16 @@ def data_shape(config) -> Tuple[int, ...]:
 
 def restore_state(config, workdir: str, step: Optional[int] = None, report=print):
   """(step, TrainState) from `<workdir>/checkpoints`: checkpoint `step`, or the newest one that
-  restores (falling back past unreadable ones, with a message).  Arrays land on the default device."""
+  restores (falling back past unreadable ones, with a message).  Arrays land on the default device.
+  Read-only: nothing under the workdir is created, moved or deleted."""
   from score_sde_jax import models
   model = models.get_model(config)
   shape = (1,) + data_shape(config)
   abstract = jax.eval_shape(lambda k: state_lib.create_train_state(config, model, k, shape),
                             jax.random.PRNGKey(0))
-  ck = ckpt_lib.Checkpointer(workdir, async_save=False)
+  if not os.path.isdir(ckpt_lib.checkpoint_dir(workdir)):
+    raise FileNotFoundError(f"no checkpoints in {ckpt_lib.checkpoint_dir(workdir)}")
+  ck = ckpt_lib.Checkpointer(workdir, async_save=False, read_only=True)
   try:
     steps = ck.all_steps()
     if not steps:
