@@ -265,6 +265,31 @@ def _small_config_file(tmp_path, fixture):
   return str(path)
 
 
+@needs_fixtures
+def test_convert_script_writes_variables(tmp_path):
+  """convert_checkpoint.py --output: the EMA weights by default, --weights raw on request, equal to
+  load_pretrained's; bad input is one ERROR line with exit 2 and writes nothing."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("convert_checkpoint",
+                                                os.path.join(REPO, "scripts", "convert_checkpoint.py"))
+  script = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(script)
+  cfg = _small_config_file(tmp_path, "ddpm_vp_discrete_torch")
+  config = config_utils.load_config_file(cfg)
+  src = os.path.join(FIXTURES, "ddpm_vp_discrete_torch", "checkpoints", "checkpoint_8.pth")
+  for weights in ("ema", "raw"):
+    out = tmp_path / f"{weights}.msgpack"
+    assert script.main(["--config", cfg, "--checkpoint", src, "--output", str(out), "--weights", weights]) == 0
+    got = flax.serialization.msgpack_restore(out.read_bytes())
+    assert checkpoints.fingerprint(got) == checkpoints.read_pretrained(src, config, weights=weights).fingerprint
+    assert checkpoints.read_pretrained(str(out), config).fingerprint == checkpoints.fingerprint(got)
+  wrong = tmp_path / "wrong.py"
+  wrong.write_text(open(cfg).read().replace("return c", "c.model.nf = 8\n  return c"))
+  before = _snapshot(tmp_path)
+  assert script.main(["--config", str(wrong), "--checkpoint", src, "--output", str(tmp_path / "x.msgpack")]) == 2
+  assert _snapshot(tmp_path) == before
+
+
 def _run(args, **kw):
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
   return subprocess.run([sys.executable] + args, capture_output=True, text=True, cwd=REPO, env=env,

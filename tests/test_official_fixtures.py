@@ -165,26 +165,3 @@ def test_export_inverts_convert(shared_dir):
   for k, v in exported.items():
     np.testing.assert_array_equal(v, sd[k])
   assert set(sd) - set(exported) == {"sigmas"}
-
-
-def test_convert_checkpoint_script(shared_dir, tmp_path):
-  """scripts/convert_checkpoint.py writes msgpack variables equal to the in-memory conversion."""
-  import flax.serialization
-  name = "ddpmpp_vp_continuous_small"
-  config, sd, arrays, model, variables = _load(shared_dir, name)
-  cfg = tmp_path / "cfg.py"
-  cfg.write_text("import json, ml_collections\n"
-                 f"CONFIG = {json.dumps(config.to_dict())!r}\n"
-                 "def get_config():\n  return ml_collections.ConfigDict(json.loads(CONFIG))\n")
-  spec = importlib.util.spec_from_file_location(
-      "convert_checkpoint", os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts",
-                                         "convert_checkpoint.py"))
-  script = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(script)
-  out = tmp_path / "vars.msgpack"
-  src = os.path.join(shared_dir, "fixtures", "official_torch", f"{name}.npz")
-  assert script.main(["--config", str(cfg), "--checkpoint", src, "--output", str(out)]) == 0
-  restored = flax.serialization.msgpack_restore(out.read_bytes())
-  same = jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))), restored,
-                      jax.device_get(variables))
-  assert jax.tree.all(same)
