@@ -7,7 +7,7 @@
 What is timed is the program `scripts/evaluate.py` runs for one batch (`evaluation.make_batch_fn`):
 uniform dequantization of random 8-bit images, the probability-flow ODE with the Hutchinson (Rademacher)
 divergence solved by diffrax (Tsit5, rtol = atol = 1e-5 unless --rtol/--atol) from eps = 1e-5 to T, one
-forward pass and one VJP of the network per NFE, everything in one compiled program with the batch
+forward pass and one JVP (per probe) of the network per NFE, everything in one compiled program with the batch
 sharded over all devices.  Weights are random (the network's initialisation), as in the official
 implementation's reported speed; the NFE a trained model needs differs.  Each row: the solve is compiled
 and run once (warm-up), then timed over --iters runs with the same inputs; ms/NFE = seconds per batch /

@@ -22,8 +22,18 @@ def exact_divergence(fn, x):
 
 
 def hutchinson_divergence(fn, x, probes):
-  """(fn(x), mean_k v_kᵀ (∂fn/∂x) v_k) with probes v: [P, B, *D], from one forward pass and P VJPs."""
-  out, vjp = jax.vjp(fn, x)
-  vjps = jax.vmap(lambda v: vjp(v)[0])(probes)
-  div = jnp.mean(jnp.sum((vjps * probes).reshape(probes.shape[0], x.shape[0], -1), -1), 0)
+  """(fn(x), mean_k v_kᵀ (∂fn/∂x) v_k) with probes v: [P, B, *D], from one forward pass and P JVPs.
+
+  Forward mode (`jax.linearize`, the P Jacobian–vector products vmapped), not one VJP per probe: the
+  estimate vᵀ(Jv) = (vᵀJ)v is the same, and so is the cost of one evaluation, but inside a solver's
+  while-loop the two differ on XLA:CPU.  The VJP of a convolution is a convolution with the kernel's
+  feature dimensions swapped (JAX emits kernel dims `01oi`); XLA:CPU rewrites such convolutions into the
+  `01io` form its fast (Eigen) convolution needs only in the entry computation (ConvCanonicalization),
+  so in a while-loop body they fall back to a naive loop: 4-6x the cost per evaluation of the same code
+  outside the loop (benchmarks/ode_loop.py).  The JVP of a convolution is a convolution with the
+  forward pass's own kernel layout, which stays fast everywhere.  tests/test_ode_loop.py guards this.
+  """
+  out, jvp = jax.linearize(fn, x)
+  jvps = jax.vmap(jvp)(probes)
+  div = jnp.mean(jnp.sum((jvps * probes).reshape(probes.shape[0], x.shape[0], -1), -1), 0)
   return out, div

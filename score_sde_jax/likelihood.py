@@ -7,7 +7,9 @@ With f̃(x, t) = f(x, t) − ½ g(t)² s(x, t), the instantaneous change of vari
 solved jointly for (x(t), ∫ ∇·f̃) from eps to T by diffrax, on the device, in one compiled solve.  The
 divergence is exact (the Jacobian trace by one JVP per data dimension, for low-dimensional data) or the
 Hutchinson estimator ∇·f̃ ≈ vᵀ (∂f̃/∂x) v with v Rademacher or Gaussian, fixed over the solve, computed with
-one forward pass and one VJP per evaluation (`jax.vjp`; the official code used two forward passes).
+one forward pass and one JVP per evaluation (`jax.linearize`; the official code took the gradient of ⟨f̃, v⟩
+and a second forward pass for f̃).  Forward mode, because on XLA:CPU the convolutions of a VJP inside the
+solver's while-loop miss the fast convolution path (see `divergence.hutchinson_divergence`).
 """
 from __future__ import annotations
 
@@ -63,7 +65,7 @@ def log_likelihood(key, sde, score_fn, x, divergence="hutchinson_rademacher", rt
   """log p_eps(x) in nats, per example [B], by the probability-flow ODE from eps to T.
 
   Returns (logp, z, nfe): z = x(T) (whose prior log-density enters logp) and the number of evaluations
-  of the ODE's vector field (each one forward and `num_probes` VJPs of the score model for Hutchinson, or
+  of the ODE's vector field (each one forward and `num_probes` JVPs of the score model for Hutchinson, or
   one forward and D JVPs for 'exact').
   """
   shape = _check_common(sde, score_fn, x, eps, solver, rtol, atol, num_steps)
