@@ -2,8 +2,11 @@
 
 * `validate_config(config, num_devices)`: unknown keys (compared with the schema of
   `score_sde_jax.config_defaults`, with "did you mean" suggestions), wrong value types, batch sizes that
-  do not divide by the device count, impossible frequencies.  All problems are reported at once in one
-  `ConfigError`.
+  do not divide by the device count, impossible frequencies, then every section built once without
+  computing (SDE, model shapes, loss, sampler, evaluation settings).  All problems are reported at once in
+  one `ConfigError`.
+* `apply_overrides(config, ["a.b=v", ...])`: strict `--set` overrides (an unknown key is an error naming
+  the closest one).
 * `check_resume_config(workdir, config, force)`: a workdir remembers its config (`config.json`); a run
   whose config differs in anything but the fields in `RESUMABLE_FIELDS` (schedules, logging, sampling
   and evaluation settings) is refused with the list of differences unless forced.
@@ -158,9 +161,81 @@ def validate_config(config, num_devices: int = 1) -> List[str]:
   dt = m.get("dtype", "float32")
   if isinstance(dt, str) and dt not in ("float32", "bfloat16", "float16"):
     errors.append(f"model.dtype={dt!r}; allowed values: 'float32', 'bfloat16', 'float16'")
+  if not errors:
+    errors += _build_errors(config)
   if errors:
     raise ConfigError("Invalid config:\n  - " + "\n  - ".join(errors))
   return warnings
+
+
+def _build_errors(config) -> List[str]:
+  """Every section built once without computing (the SDE, the model's parameter shapes, the loss, the
+  sampler, the evaluation settings), so that a bad value anywhere fails before any work starts, whether or
+  not the run would reach the code that reads it (snapshot sampling, the toy report, evaluation)."""
+  import jax
+
+  from score_sde_jax import losses, models, sampling
+  from score_sde_jax import sde as sde_lib
+  from score_sde_jax.train import restore
+  errors = []
+
+  def attempt(section, fn):
+    try:
+      return fn()
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+      msg = str(e).strip("'\"").splitlines()[0] if str(e) else type(e).__name__
+      errors.append(f"{section}: {msg}")
+      return None
+
+  sde = attempt("training.sde", lambda: sde_lib.sde_from_config(config))
+  shape = attempt("data", lambda: (1,) + restore.data_shape(config))
+  model = attempt("model", lambda: models.get_model(config))
+  if model is not None and shape is not None:
+    from score_sde_jax.train import state as state_lib
+    attempt("model", lambda: jax.eval_shape(
+        lambda k: state_lib.init_variables(config, model, k, shape), jax.random.PRNGKey(0)))
+  if sde is not None and model is not None:
+    attempt("training", lambda: losses.get_loss_fn(sde, model.apply, config))
+  if sde is not None and shape is not None:
+    attempt("sampling", lambda: sampling.get_sampler(config, sde, shape))
+  if "eval" in config:
+    from score_sde_jax import evaluation
+    attempt("eval", lambda: evaluation.settings_from_config(config))
+  return errors
+
+
+def apply_overrides(config, assignments) -> None:
+  """Applies `a.b.c=value` assignments (value read as a Python literal, else as a string) in place.  A
+  key that does not exist, at any depth, is a ConfigError naming it and the closest existing key: a typo
+  must never be ignored or create a new field."""
+  import ast
+  existing = list(flatten(config))
+  for a in assignments:
+    key, sep, value = a.partition("=")
+    key = key.strip()
+    if not sep or not key:
+      raise ConfigError(f"override {a!r} must look like section.field=value, e.g. sampling.method=ode")
+    if key not in existing:
+      close = difflib.get_close_matches(key, existing, n=1, cutoff=0.6)
+      hint = f"; did you mean {close[0]!r}?" if close else ""
+      raise ConfigError(f"unknown config key {key!r} in the override {a!r}{hint}")
+    try:
+      v = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      v = value
+    node = config
+    parts = key.split(".")
+    for p in parts[:-1]:
+      node = node[p]
+    old = node[parts[-1]]
+    if isinstance(old, (tuple, list)) and isinstance(v, (tuple, list)):
+      v = type(old)(v)
+    if isinstance(old, float) and isinstance(v, int) and not isinstance(v, bool):
+      v = float(v)
+    if not _type_ok(v, old):
+      raise ConfigError(f"override {a!r}: {key} is a {_type_name(old)} (now {old!r}); got "
+                        f"{_type_name(v)} {v!r}")
+    node[parts[-1]] = v
 
 
 def to_jsonable(config) -> Dict[str, Any]:
