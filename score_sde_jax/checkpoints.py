@@ -95,6 +95,7 @@ def read_pretrained(path: str, config, *, weights: str = "ema", step: Optional[i
   else:
     variables, ckpt_step, target = _read_workdir(target, config, weights, step)
   check_variables(variables, config, target)
+  check_finite(variables, target, ckpt_step)
   return Pretrained(variables=variables, path=target, format=fmt, weights=weights, step=ckpt_step)
 
 
@@ -261,11 +262,14 @@ def _read_workdir(path: str, config, weights: str, step: Optional[int]):
     raise CheckpointError(f"{ckpt_lib.checkpoint_dir(workdir)}: cannot restore a checkpoint for this "
                           f"config: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
                           + (f" ({'; '.join(reports)})" if reports else "")) from None
-  for line in reports:
-    print(line)
+  if jax.process_index() == 0:
+    for line in reports:   # the checkpoints skipped (one line each, with the reason)
+      print(line)
   variables = state.ema_params if weights == "ema" else state.params
   from score_sde_jax.train import checkpoint as ckpt_lib
-  return (jax.tree.map(np.asarray, jax.device_get(variables)), int(found_step),
+  from score_sde_jax.train import parallel
+  # Replicated over every device of every host: each host copies its local replica.
+  return (parallel.tree_to_host(variables), int(found_step),
           os.path.join(ckpt_lib.checkpoint_dir(workdir), str(found_step)))
 
 
@@ -286,6 +290,19 @@ def expected_shapes(config) -> Dict[str, Any]:
 def _flat(tree) -> Dict[str, Any]:
   return {"/".join(str(getattr(k, "key", k)) for k in p): v
           for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def check_finite(variables, path: str, step: Optional[int] = None) -> None:
+  """Raises CheckpointError naming the step and the first parameter (in name order) holding NaN/Inf: such
+  weights would give NaN samples or run an adaptive solver to its step limit."""
+  flat = _flat(variables)
+  for name in sorted(flat):
+    a = np.asarray(flat[name])
+    if np.issubdtype(a.dtype, np.floating) and not np.all(np.isfinite(a)):
+      bad = int(np.size(a) - np.count_nonzero(np.isfinite(a)))
+      raise CheckpointError(
+          f"{path}: the weights{f' of step {step}' if step is not None else ''} are not finite: parameter "
+          f"{name} has {bad} NaN/Inf value(s) of {np.size(a)}. Use an earlier checkpoint.")
 
 
 def check_variables(variables, config, path: str) -> None:

@@ -207,6 +207,14 @@ def test_bad_inputs_are_clear_errors_and_modify_nothing(tmp_path):
   cases.append((cut_pth, config, "ema", r"checkpoint_10\.pth"))
 
   tree = flax.serialization.msgpack_restore(jax_file.read_bytes())
+  nan_tree = jax.tree.map(np.copy, tree)
+  leaf = nan_tree["params_ema"]["Conv_1"]["kernel"]
+  leaf.reshape(-1)[np.random.default_rng().integers(leaf.size)] = np.nan
+  nan_file = tmp_path / "nan" / "checkpoint_5"
+  nan_file.parent.mkdir()
+  nan_file.write_bytes(flax.serialization.msgpack_serialize(nan_tree))
+  cases.append((nan_file, config, "ema", r"weights of step 500005 are not finite: parameter "
+                                         r"params/Conv_1/kernel has 1 NaN/Inf value"))
   tree["params_ema"] = {}
   no_ema = tmp_path / "noema" / "checkpoint_4"
   no_ema.parent.mkdir()
