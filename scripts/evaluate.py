@@ -18,11 +18,17 @@ probes, keys from (seed, repeat, batch)).  Solver and divergence: `eval.solver`,
 `eval.num_probes`.  Image data: bits/dim of the 8-bit data (the convention is printed with the result);
 toy data: NLL in nats/dim and bits/dim.  Also reports ScoreFlow's bound (`--bound`, default on).
 
-Each batch is one compiled program sharded over all devices.  Per-batch results go to
+Each batch is one compiled program sharded over all devices of all hosts; a checkpoint written on any
+number of devices or hosts restores here, read-only (nothing in the workdir is moved or renamed; an
+unreadable checkpoint is an error naming it).  Multi-host (`--multihost` or SCORE_SDE_DISTRIBUTED=1, every
+host runs the same command; README "Sampling and evaluating on a pod"): each host reads its share of every
+batch, the per-example results are gathered and process 0 alone writes the results and the summary, each
+example counted once.  Per-batch results go to
 `<workdir>/eval/*.jsonl` as they finish; rerunning the same command continues where it stopped; the
 summary is written beside it as `.summary.json`.  Without --config the workdir's saved config is used.
 
-Exit status: 0 done, 2 bad config / missing workdir or checkpoint / unreadable data.
+Exit status: 0 done, 2 bad config / missing workdir or checkpoint / unreadable data, 4 another process of a
+multi-host run stopped.
 """
 import sys
 
@@ -45,7 +51,9 @@ flags.DEFINE_integer("max_examples", None, "Only the first n examples of the spl
 flags.DEFINE_integer("seed", None, "Seed of the noise (default: config.seed).")
 flags.DEFINE_bool("bound", True, "Also compute ScoreFlow's variational bound.")
 flags.DEFINE_integer("bound_num_t", 16, "Monte Carlo draws of t per example for the bound.")
-flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() (also: SCORE_SDE_DISTRIBUTED=1).")
+flags.DEFINE_bool("multihost", False, "Multi-host run (also: SCORE_SDE_DISTRIBUTED=1): every host runs the "
+                  "same command; JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID where the cluster "
+                  "is not detected (TPU pods, SLURM).")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
 
 
@@ -53,7 +61,16 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   from score_sde_jax.train import parallel
-  parallel.maybe_initialize_distributed(True if FLAGS.multihost else None)
+  try:
+    parallel.initialize_distributed(True if FLAGS.multihost else None)
+  except parallel.DistributedError as e:
+    print(f"ERROR: {e}", file=sys.stderr)
+    sys.exit(2)
+  parallel.run_main(_main)
+
+
+def _main():
+  import jax
   from score_sde_jax import checkpoints, evaluation
   from score_sde_jax.train import restore
 
@@ -87,8 +104,11 @@ def main(argv):
     if FLAGS.checkpoint is not None:
       pretrained = checkpoints.read_pretrained(FLAGS.checkpoint, config, weights=FLAGS.weights)
       workdir = workdir or checkpoints.default_output_dir(pretrained)
-      print(f"{pretrained.weights} weights of step {pretrained.step} from {pretrained.path} "
-            f"({pretrained.format}, fingerprint {pretrained.fingerprint})")
+      if jax.process_index() == 0:
+        print(f"{pretrained.weights} weights of step {pretrained.step} from {pretrained.path} "
+              f"({pretrained.format}, fingerprint {pretrained.fingerprint})")
+    elif which == "latest":
+      which = _newest_readable(config, workdir, evaluation, restore)
     evaluation.evaluate_likelihood(config, workdir, checkpoints=which, batch_size=FLAGS.batch_size,
                                    max_examples=FLAGS.max_examples, seed=FLAGS.seed, bound=FLAGS.bound,
                                    bound_num_t=FLAGS.bound_num_t, progress=FLAGS.progress,
@@ -96,6 +116,25 @@ def main(argv):
   except (evaluation.EvalError, ValueError) as e:
     print(f"ERROR: {e}", file=sys.stderr)
     sys.exit(2)
+
+
+def _newest_readable(config, workdir, evaluation, restore):
+  """'latest' as [the newest checkpoint that restores]: an unreadable newer one is skipped with one line
+  naming it and the reason (and left where it is).  'latest' unchanged when there is no checkpoint (the
+  evaluation then says so)."""
+  import os
+  import jax
+  from score_sde_jax.train import checkpoint as ckpt_lib
+  cdir = ckpt_lib.checkpoint_dir(workdir)
+  if not (os.path.isdir(cdir) and any(n.isdigit() for n in os.listdir(cdir))):
+    return "latest"
+  say = print if jax.process_index() == 0 else (lambda *_: None)
+  try:
+    step, _ = restore.restore_state(config, workdir, report=say)
+  except Exception as e:  # noqa: BLE001
+    raise evaluation.EvalError(f"{cdir}: no checkpoint could be restored for this config: "
+                               f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}") from e
+  return [step]
 
 
 if __name__ == "__main__":

@@ -13,9 +13,22 @@ Samples are drawn with the config's sampler (`sampling.method`, predictor, corre
 `--batch_size`, each batch one compiled program sharded over all devices, with a progress bar; they are
 written in data space to `<out dir>/samples/sample_<step>.npz` (`samples`, `nfe`) and a PNG (image grid,
 or a scatter beside test data for toy data).  The output directory is `--workdir`, or else
-`<checkpoint>_outputs/` beside the checkpoint.  Nothing is written next to the checkpoints themselves.
+`<checkpoint>_outputs/` beside the checkpoint.  Nothing is written next to the checkpoints themselves,
+and nothing in the workdir is moved or renamed: a checkpoint that cannot be read is skipped with one line.
 
-Exit status: 0 done, 2 bad config, flags or checkpoint (one `ERROR:` line).
+Any topology: a checkpoint written on any number of devices or hosts restores here (`train/restore.py`).
+Batch i draws its noise from fold_in(PRNGKey(--seed), i), whatever the sharding, and each device draws
+its share of it: with a `--batch_size` that divides by the device counts involved, the samples do not
+depend on the device or host count, up to float rounding (batch means such as the Langevin corrector's
+step size are summed in another order).  A batch size that does not divide is rounded down to a multiple
+of the device count (with a note).
+
+Multi-host (`--multihost` or SCORE_SDE_DISTRIBUTED=1, every host runs the same command; README "Sampling
+and evaluating on a pod"): each host's devices draw their share of every batch, the samples are gathered,
+and process 0 alone writes the one .npz (exactly `--num_samples` samples) and the PNG.
+
+Exit status: 0 done, 2 bad config, flags or checkpoint (one `ERROR:` line), 4 another process of a
+multi-host run stopped.
 """
 import os
 import time
@@ -37,6 +50,10 @@ flags.DEFINE_integer("batch_size", None, "Samples per compiled batch (default: e
 flags.DEFINE_integer("step", None, "Checkpoint step (default: newest good one).")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_string("out", None, "Output .npz path (default: <workdir>/samples/sample_<step>.npz).")
+flags.DEFINE_bool("multihost", False, "Multi-host run (also: SCORE_SDE_DISTRIBUTED=1): every host runs the "
+                  "same command; JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID where the cluster "
+                  "is not detected (TPU pods, SLURM).")
+flags.DEFINE_bool("progress", True, "Show a progress bar.")
 
 
 def _apply_set(config, assignments):
@@ -57,6 +74,18 @@ def _apply_set(config, assignments):
 def main(argv):
   del argv
   import sys
+  logging.set_verbosity(logging.WARNING)   # orbax logs every save at INFO
+  from score_sde_jax.train import parallel
+  try:
+    parallel.initialize_distributed(True if FLAGS.multihost else None)
+  except parallel.DistributedError as e:
+    print(f"ERROR: {e}", file=sys.stderr)
+    sys.exit(2)
+  parallel.run_main(_checked_main)
+
+
+def _checked_main():
+  import sys
   from score_sde_jax import checkpoints
   try:
     _main()
@@ -67,7 +96,6 @@ def main(argv):
 
 
 def _main():
-  logging.set_verbosity(logging.WARNING)   # orbax logs every save at INFO
   import jax
   import numpy as np
   from tqdm.auto import tqdm
@@ -75,6 +103,8 @@ def _main():
   from score_sde_jax import checkpoints, models, plotting, sampling, sde as sde_lib
   from score_sde_jax.train import loop, parallel, restore
 
+  process0 = jax.process_index() == 0
+  say = print if process0 else (lambda *_: None)
   if FLAGS.workdir is None and FLAGS.checkpoint is None:
     raise ValueError("pass --workdir (a training workdir) or --checkpoint (any checkpoint, with --config).")
   source = FLAGS.checkpoint or FLAGS.workdir
@@ -86,19 +116,29 @@ def _main():
     raise ValueError(f"{source} is not a training workdir: pass --config <the config the checkpoint was "
                      f"trained with>, e.g. configs/vp/cifar10_ddpmpp_continuous.py.")
   _apply_set(config, FLAGS.set)
+  # Every process reads (a workdir checkpoint is restored onto this run's mesh, whatever wrote it).
   pre = checkpoints.read_pretrained(source, config, weights=FLAGS.weights, step=FLAGS.step)
   step = pre.step if pre.step is not None else 0
   out_dir = FLAGS.workdir or checkpoints.default_output_dir(pre)
-  print(f"{pre.weights} weights of step {pre.step} from {pre.path} ({pre.format}, "
-        f"fingerprint {pre.fingerprint})")
+  say(f"{pre.weights} weights of step {pre.step} from {pre.path} ({pre.format}, "
+      f"fingerprint {pre.fingerprint})")
   sde = sde_lib.sde_from_config(config)
   model = models.get_model(config)
   _, inverse_scaler = loop.get_scalers(config)
   mesh = parallel.make_mesh()
   n_dev = mesh.devices.size
   total = FLAGS.num_samples or int(config.sampling.get("num_samples", 64))
+  if total < 1:
+    raise ValueError(f"--num_samples must be positive; got {total}.")
   bs = FLAGS.batch_size or min(total, int(config.eval.batch_size))
-  bs = max(n_dev, bs // n_dev * n_dev)
+  if bs < 1:
+    raise ValueError(f"--batch_size must be positive; got {bs}.")
+  if bs % n_dev:
+    # Padding would change the samples of batch-coupled samplers (the Langevin corrector's step size is a
+    # batch mean), so the batch is rounded instead.
+    rounded = max(n_dev, bs // n_dev * n_dev)
+    say(f"--batch_size {bs} is not a multiple of the {n_dev} devices: using {rounded}.")
+    bs = rounded
   shape = (bs,) + restore.data_shape(config)
   sample_fn = sampling.get_sampler(config, sde, shape)
   rep, bsh = parallel.replicated(mesh), parallel.batch_sharding(mesh)
@@ -113,25 +153,25 @@ def _main():
   params = parallel.replicate(pre.variables, mesh)
   out, nfes = [], []
   t0 = time.time()
-  with tqdm(total=total, unit="sample", desc=f"sampling ({config.sampling.method})") as bar:
-    i = 0
-    while sum(len(o) for o in out) < total:
+  num_batches = -(-total // bs)
+  with tqdm(total=total, unit="sample", desc=f"sampling ({config.sampling.method})",
+            disable=not (FLAGS.progress and process0)) as bar:
+    for i in range(num_batches):
       key = jax.device_put(jax.random.fold_in(jax.random.PRNGKey(FLAGS.seed), i), rep)
       x, nfe = draw(params, key)
-      x = parallel.to_host(x)
+      x = parallel.to_host(x)      # gathered from every host
       out.append(x)
-      nfes.append(int(nfe))
+      nfes.append(int(parallel.to_host(nfe)))
       bar.update(min(len(x), total - bar.n))
-      bar.set_postfix(nfe=int(nfe))
-      i += 1
+      bar.set_postfix(nfe=nfes[-1])
   samples = np.concatenate(out)[:total]
   seconds = time.time() - t0
-  if jax.process_index() != 0:
+  if not process0:      # process 0 alone writes
     return
   path = FLAGS.out or os.path.join(out_dir, "samples", f"sample_{step:08d}.npz")
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   np.savez(path, samples=samples, nfe=np.asarray(nfes), step=step, checkpoint=pre.path,
-           fingerprint=pre.fingerprint)
+           fingerprint=pre.fingerprint, seed=FLAGS.seed, batch_size=bs)
   png = os.path.splitext(path)[0] + ".png"
   if loop.is_toy(config):
     from score_sde_jax.train import toy_report
@@ -139,8 +179,8 @@ def _main():
                               title=f"step {step}: {config.sampling.method} samples vs test data")
   else:
     plotting.save_image_grid(samples[:min(len(samples), 256)], png)
-  print(f"{total} samples from step {step} in {seconds:.1f}s (mean NFE {np.mean(nfes):.0f}) -> {path} "
-        f"and {png}")
+  print(f"{total} samples from step {step} in {seconds:.1f}s on {n_dev} device(s), "
+        f"{jax.process_count()} process(es) (mean NFE {np.mean(nfes):.0f}) -> {path} and {png}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """Multi-host training with `jax.distributed` on one machine: 2 processes × 2 CPU devices (gloo
-collectives).  Each host feeds its half of every global batch; the run is stopped after 8 steps and
-resumed (every host restores its own data-iterator position from the shared checkpoint) to 12 steps.
-Losses and parameters must match a single-process, single-device run of the same config."""
+collectives), started as the README documents (SCORE_SDE_DISTRIBUTED=1, JAX_COORDINATOR_ADDRESS,
+JAX_NUM_PROCESSES, JAX_PROCESS_ID → `parallel.initialize_distributed`).  Each host feeds its half of every
+global batch; the run is stopped after 8 steps and resumed (every host restores the data-iterator position
+from the shared checkpoint) to 12 steps, then resumed by this single process on 1 device (2 hosts → 1) to
+16.  Losses and parameters must match a single-process, single-device run of the same config."""
 import os
 import socket
 import subprocess
@@ -16,7 +18,7 @@ TESTS = os.path.dirname(HERE)
 
 def _free_port():
   with socket.socket() as s:
-    s.bind(("localhost", 0))
+    s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
 
 
@@ -25,8 +27,10 @@ def _launch(workdir, n_iters, out_prefix):
   env = dict(os.environ)
   env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
   env["PYTHONPATH"] = os.path.dirname(TESTS) + os.pathsep + env.get("PYTHONPATH", "")
-  procs = [subprocess.Popen([sys.executable, HERE, str(i), str(port), str(workdir), str(n_iters),
-                             f"{out_prefix}_{i}.npz"], env=env, stdout=subprocess.PIPE,
+  env.update(SCORE_SDE_DISTRIBUTED="1", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+             SCORE_SDE_HEARTBEAT_TIMEOUT="60")
+  procs = [subprocess.Popen([sys.executable, HERE, str(workdir), str(n_iters), f"{out_prefix}_{i}.npz"],
+                            env=dict(env, JAX_PROCESS_ID=str(i)), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True) for i in range(2)]
   outs = []
   for p in procs:
@@ -49,6 +53,11 @@ def test_two_hosts_match_single_device_and_resume(tmp_path):
                         keep_history=True, report=lambda *_: None)
   ref_losses = np.array([h["loss"] for h in ref.history])
   ref_params = _params_flat(ref.state.params)
+  # The reference continues to 16 on the same device (bit-identical to an uninterrupted run).
+  ref16 = train_lib.train(tiny_config(n_iters=16), str(tmp_path / "ref"), devices=jax.devices()[:1],
+                          progress=False, keep_history=True, report=lambda *_: None)
+  ref16_losses = np.array([h["loss"] for h in ref16.history])
+  ref16_params = _params_flat(ref16.state.params)
 
   work = tmp_path / "mh"
   out1 = _launch(work, 8, str(tmp_path / "a"))
@@ -66,13 +75,24 @@ def test_two_hosts_match_single_device_and_resume(tmp_path):
   # Only process 0 wrote logs.
   logs = os.listdir(work / "logs")
   assert len([f for f in logs if f.startswith("events.out.tfevents")]) == 2   # one per run
+  # 2 hosts × 2 devices → this process on 1 device: the data order continues where the hosts stopped.
+  messages = []
+  r = train_lib.train(tiny_config(n_iters=16), str(work), devices=jax.devices()[:1], progress=False,
+                      keep_history=True, report=messages.append)
+  assert r.resumed_from == 12 and [h["step"] for h in r.history] == [13, 14, 15, 16]
+  assert any("written on 4 device(s) / 2 host(s); this run has 1 / 1" in m for m in messages), messages
+  losses = np.array([h["loss"] for h in r.history])
+  rel = np.max(np.abs(losses - ref16_losses) / np.abs(ref16_losses))
+  print(f"2 hosts → 1 device, steps 13-16: max relative loss difference {rel:.3g}")
+  assert rel <= 1e-5
+  for k, v in _params_flat(r.state.params).items():
+    np.testing.assert_allclose(v, ref16_params[k], rtol=1e-5, atol=1e-6, err_msg=k)
 
 
 def _worker(argv):
-  pid, port, workdir, n_iters, out = int(argv[0]), argv[1], argv[2], int(argv[3]), argv[4]
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2,
-                             process_id=pid)
+  workdir, n_iters, out = argv[0], int(argv[1]), argv[2]
+  from score_sde_jax.train import parallel
+  assert parallel.initialize_distributed()     # from the environment, as the scripts do
   sys.path.insert(0, TESTS)
   from test_train import _params_flat, tiny_config
   from score_sde_jax import train as train_lib
@@ -80,7 +100,6 @@ def _worker(argv):
   params = jax.tree_util.tree_map(lambda a: np.asarray(a.addressable_data(0)), r.state.params)
   np.savez(out, losses=np.array([h["loss"] for h in r.history]),
            **{"p" + k: v for k, v in _params_flat(params).items()})
-  jax.distributed.shutdown()
 
 
 if __name__ == "__main__":

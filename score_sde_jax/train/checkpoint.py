@@ -1,4 +1,4 @@
-"""orbax checkpoints of the train state and the data iterator's position.
+"""orbax checkpoints of the train state and the data iterator's position, portable across topologies.
 
 One `orbax.checkpoint.CheckpointManager` in `<workdir>/checkpoints`: every checkpoint holds the train
 state ('state') and the data iterator state of every host ('data', JSON).  The newest checkpoint is
@@ -6,20 +6,34 @@ always kept (the rolling preemption checkpoint, `max_to_keep=1`) and so is every
 multiple of `training.snapshot_freq` (`keep_period`).  Saves are asynchronous (the device-to-host copy
 happens before `save` returns, the file writing in the background); orbax writes into a temporary
 directory and renames it when complete, so a crash mid-write never leaves a checkpoint that looks whole.
-`restore_latest` tries the newest checkpoint first and falls back to older ones when one cannot be
-read, reporting which it skipped and why.
+
+Topology.  A checkpoint does not depend on the devices or hosts that wrote it: every array is restored
+with the sharding of the *current* run (`restore_target`: by default replicated over every device of every
+host), never with the sharding recorded in the checkpoint, so a checkpoint written on 8 devices (or n
+hosts) restores on 1 device (or m hosts) and back.  The restored arrays are bit-identical to the saved
+ones.  The data iterator's state is global (the number of global batches drawn, the seed, the global batch
+size: the data order is a function of these alone, `datasets.images.TrainIterator`), identical on every
+host; `decode_data_state` therefore gives every host of an m-host run the state saved by an n-host run.
+
+`restore_latest` tries the newest checkpoint first and falls back to older ones when one cannot be read,
+reporting each one it skipped, and why, in one line.  Only a writable Checkpointer (training) moves an
+unreadable checkpoint aside (to `<workdir>/checkpoints_unreadable/`, saying so), so that training can
+write that step again; a read-only one (sampling, evaluation, `load_pretrained`) never creates, moves,
+renames or deletes anything.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import sys
 import time
 from typing import Any, Callable, List, Optional, Tuple
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +50,53 @@ class _ReadOnlyNotices(logging.Filter):
 logging.getLogger("absl").addFilter(_ReadOnlyNotices())
 
 
+# After a restore fails (an unreadable checkpoint, reported in one line), tensorstore still completes the
+# reads it had started and hands them to orbax's closed event loop: one "Event loop is closed" traceback
+# per array and, at exit, "Future exception was never retrieved" with the error already reported.  Only
+# these two are dropped.
+class _AbandonedReadNotices(logging.Filter):
+  def filter(self, record: logging.LogRecord) -> bool:
+    msg = record.getMessage()
+    if not msg.startswith("Future exception was never retrieved"):
+      return True
+    text = msg + repr(getattr(record, "exc_info", None))
+    return not ("tensorstore" in text or "OCDBT" in text)
+
+
+logging.getLogger("asyncio").addFilter(_AbandonedReadNotices())
+_previous_unraisablehook = sys.unraisablehook
+
+
+def _unraisablehook(unraisable) -> None:
+  exc, tb = unraisable.exc_value, unraisable.exc_traceback
+  if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed" and tb is not None:
+    while tb.tb_next is not None:
+      tb = tb.tb_next
+    if tb.tb_frame.f_code.co_name == "_check_closed" and "asyncio" in tb.tb_frame.f_code.co_filename:
+      return
+  _previous_unraisablehook(unraisable)
+
+
+sys.unraisablehook = _unraisablehook
+
+
 def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def restore_target(abstract_state, sharding=None):
+  """`abstract_state` as ShapeDtypeStructs carrying the sharding each array gets on the current topology:
+  a leaf's own sharding where it has one, else `sharding` (default: replicated over every device of every
+  host).  Restoring with these ignores the devices recorded in the checkpoint."""
+  if sharding is None:
+    from score_sde_jax.train import parallel
+    sharding = NamedSharding(parallel.make_mesh(), PartitionSpec())
+
+  def one(a):
+    own = getattr(a, "sharding", None)
+    return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=own if own is not None else sharding)
+
+  return jax.tree_util.tree_map(one, abstract_state)
 
 
 class Checkpointer:
@@ -76,17 +135,19 @@ class Checkpointer:
     self.manager.wait_until_finished()
 
   def restore(self, step: int, abstract_state):
+    """(state, data_states) of checkpoint `step`, its arrays placed as `restore_target(abstract_state)`
+    says (the current topology, whatever topology wrote it)."""
     out = self.manager.restore(int(step), args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+        state=ocp.args.StandardRestore(restore_target(abstract_state)), data=ocp.args.JsonRestore()))
     return out["state"], out["data"]
 
   def restore_latest(self, abstract_state, check: Optional[Callable[[Any], None]] = None,
                      report: Callable[[str], None] = print):
     """(step, state, data_states) of the newest checkpoint that restores (and passes `check`), or
-    None when there is none.  Unreadable checkpoints are skipped with a message (`report`) naming the
-    step and the error; they are recorded in `self.skipped` and, once an older one restored, moved to
-    `<workdir>/checkpoints_unreadable/` (kept for inspection) so that training can write those steps
-    again — except when read-only, where they are only reported."""
+    None when there is none.  Unreadable checkpoints are skipped with one line each (`report`) naming
+    the checkpoint and the error; they are recorded in `self.skipped` and — by a writable Checkpointer
+    (training) only, once an older one restored — moved to `<workdir>/checkpoints_unreadable/` (kept for
+    inspection) so that training can write those steps again.  A read-only one only reports them."""
     for step in reversed(self.all_steps()):
       try:
         state, data = self.restore(step, abstract_state)
@@ -111,7 +172,8 @@ class Checkpointer:
         if os.path.isdir(src):
           dest = os.path.join(dest_root, f"{step}.{int(time.time())}")
           os.replace(src, dest)
-          report(f"Moved the unreadable checkpoint of step {step} to {dest}.")
+          report(f"Training moved the unreadable checkpoint of step {step} to {dest} (so that it can write "
+                 f"step {step} again; sampling and evaluation never move checkpoints).")
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices("score_sde_jax quarantine checkpoints")
@@ -135,12 +197,14 @@ def check_finite_state(state) -> None:
       raise ValueError("restored state contains NaN/Inf values")
 
 
-def encode_data_states(local_state: Any) -> Any:
-  """Every host's data-iterator state as {'process_count': n, 'states': [...]} (all hosts gather the
-  JSON of each; single-host: no communication)."""
+def encode_data_states(local_state: Any, num_devices: Optional[int] = None) -> Any:
+  """Every host's data-iterator state as {'process_count': n, 'states': [...], 'num_devices': d} (all
+  hosts gather the JSON of each; single-host: no communication).  `num_devices`: the devices of the
+  training mesh (recorded for the resume message only)."""
   n = jax.process_count()
+  extra = {"num_devices": int(num_devices if num_devices is not None else jax.device_count())}
   if n == 1:
-    return {"process_count": 1, "states": [local_state]}
+    return {"process_count": 1, "states": [local_state], **extra}
   from jax.experimental import multihost_utils
   raw = json.dumps(local_state).encode()
   length = multihost_utils.process_allgather(np.asarray(len(raw), np.int32))
@@ -148,7 +212,7 @@ def encode_data_states(local_state: Any) -> Any:
   buf[:len(raw)] = np.frombuffer(raw, np.uint8)
   allbuf = multihost_utils.process_allgather(buf)
   states = [json.loads(bytes(allbuf[i][:int(length[i])]).decode()) for i in range(n)]
-  return {"process_count": n, "states": states}
+  return {"process_count": n, "states": states, **extra}
 
 
 def converted_data_state(source: str) -> Any:
@@ -157,13 +221,35 @@ def converted_data_state(source: str) -> Any:
   return {"process_count": 0, "states": [], "converted_from": source}
 
 
+def saved_topology(saved: Any) -> Tuple[Optional[int], Optional[int]]:
+  """(hosts, devices) that wrote a checkpoint, from its data entry (None where not recorded)."""
+  if not isinstance(saved, dict) or "converted_from" in saved:
+    return None, None
+  n = saved.get("process_count")
+  d = saved.get("num_devices")
+  return (int(n) if n else None), (int(d) if d else None)
+
+
 def decode_data_state(saved: Any) -> Any:
   """This host's data-iterator state from what `encode_data_states` saved (None for a converted
-  checkpoint, which has no data position)."""
+  checkpoint, which has no data position), whatever the number of hosts that saved it.
+
+  The iterator state is global (global batches drawn, seed, global batch size; no host index), so every
+  host of an n-host run saved the same state and any host of an m-host run resumes from it: the global
+  batches after the resume are the ones the uninterrupted run would have drawn, each host taking its
+  1/m share of each.  Should the saved states of the hosts differ (a per-host iterator), they can only be
+  restored by the same number of hosts, each its own; another host count is then an error."""
   if "converted_from" in saved:
     return None
   n = int(saved["process_count"])
+  states = list(saved["states"])
+  if len(states) != n or not states:
+    raise ValueError(f"the checkpoint's data entry is malformed: process_count={n} but "
+                     f"{len(states)} iterator states.")
+  if all(s == states[0] for s in states[1:]):
+    return states[0]
   if n != jax.process_count():
-    raise ValueError(f"the checkpoint was written by {n} hosts but this run has "
-                     f"{jax.process_count()}: the data position of each host cannot be restored.")
-  return saved["states"][jax.process_index()]
+    raise ValueError(f"the checkpoint was written by {n} hosts whose data-iterator states differ (a per-host "
+                     f"iterator); this run has {jax.process_count()} hosts, so the data position of each "
+                     f"host cannot be restored. Resume on {n} hosts.")
+  return states[jax.process_index()]

@@ -209,11 +209,16 @@ def train(config, workdir: str, *, devices: Optional[Sequence] = None, force_res
   snapshot_freq = int(t_cfg.snapshot_freq)
   preempt_freq = int(t_cfg.snapshot_freq_for_preemption)
   checkpointer = ckpt_lib.Checkpointer(workdir, snapshot_freq=snapshot_freq, async_save=async_checkpoint)
-  restored = checkpointer.restore_latest(abstract, check=ckpt_lib.check_finite_state, report=report)
+  # The one restore (train/restore.py): onto this run's mesh, whatever topology wrote the checkpoint.
+  from score_sde_jax.train import restore as restore_lib
+  restored = restore_lib.restore_checkpoint(checkpointer, abstract, mesh=mesh, report=report)
   resumed_from = None
   if restored is not None:
-    resumed_from, state, data_saved = restored
-    data_state = ckpt_lib.decode_data_state(data_saved)
+    resumed_from, state, data_saved = restored.step, restored.state, restored.data
+    try:
+      data_state = ckpt_lib.decode_data_state(data_saved)
+    except ValueError as e:
+      raise DataError(f"checkpoint {resumed_from} in {ckpt_dir}: {e}") from e
     if data_state is not None:
       train_iter.set_state(data_state)
     else:
@@ -221,6 +226,13 @@ def train(config, workdir: str, *, devices: Optional[Sequence] = None, force_res
              f"starts from the beginning.")
     first = None
     report(f"Resuming from step {resumed_from} ({os.path.join(ckpt_dir, str(resumed_from))}).")
+    s_hosts, s_devices = restored.saved_hosts, restored.saved_devices
+    if (s_hosts is not None and s_hosts != jax.process_count()) or (s_devices is not None and
+                                                                    s_devices != n_dev):
+      report(f"The checkpoint was written on {s_devices or '?'} device(s) / {s_hosts or '?'} host(s); this run "
+             f"has {n_dev} / {jax.process_count()}: the restored state and the data order are exact, the "
+             f"following steps agree with an uninterrupted run to float rounding (the gradient all-reduce "
+             f"adds in another order).")
   else:
     state = create(init_key)
     # `first` is the batch of step 1; a run restored from a step-0 checkpoint refetches it.
@@ -287,7 +299,7 @@ def train(config, workdir: str, *, devices: Optional[Sequence] = None, force_res
 
   def save(step: int, wait: bool = False):
     flush()
-    data_state = ckpt_lib.encode_data_states(train_iter.get_state())
+    data_state = ckpt_lib.encode_data_states(train_iter.get_state(), num_devices=n_dev)
     checkpointer.save(step, state, data_state, wait=wait)
     last_saved["step"] = step
 
