@@ -29,6 +29,7 @@ def base_config() -> ml_collections.ConfigDict:
   training.eval_freq = 100
   training.snapshot_freq_for_preemption = 10000
   training.snapshot_sampling = True
+  training.snapshot_weights = "ema"   # added: weights of the snapshot samples: 'ema' (paper) | 'raw'
   training.n_jitted_steps = 1         # added: train steps per compiled lax.scan
 
   config.sampling = sampling = ml_collections.ConfigDict()
@@ -41,10 +42,14 @@ def base_config() -> ml_collections.ConfigDict:
   sampling.snr = 0.16
   sampling.order = "predictor_first"  # added: 'predictor_first' (paper) | 'corrector_first' (official)
   sampling.eps = 1e-3                 # added
-  sampling.ode_solver = "tsit5"       # added: 'tsit5' | 'dopri5' | 'heun' | 'euler'
+  sampling.ode_solver = "rk45"        # added: 'rk45' (scipy's RK45, the official solver, on the
+                                      # device; chosen by docs/ode_solvers.md) | 'tsit5' | 'dopri5' |
+                                      # 'bosh3' (adaptive) | 'heun' | 'euler' (with ode_num_steps > 0)
   sampling.ode_rtol = 1e-5            # added
   sampling.ode_atol = 1e-5            # added
   sampling.ode_num_steps = 0          # added: >0 selects fixed steps (heun / euler)
+  sampling.ode_controller = "batch"   # added: one error norm for the batch ('batch', as the official
+                                      # code) | 'per_example' (each sample its own steps); see ode.py
   sampling.ald_step_lr = 2e-5         # added: ε of annealed Langevin dynamics
   sampling.num_samples = 64           # added: samples drawn at each snapshot
 
@@ -63,7 +68,7 @@ def base_config() -> ml_collections.ConfigDict:
   evaluate.rtol = 1e-5                # added
   evaluate.atol = 1e-5                # added
   evaluate.eps = 1e-5                 # added
-  evaluate.solver = "tsit5"           # added
+  evaluate.solver = "rk45"            # added: as sampling.ode_solver (the adaptive ones)
 
   config.data = data = ml_collections.ConfigDict()
   data.dataset = "CIFAR10"

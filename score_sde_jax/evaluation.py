@@ -334,7 +334,11 @@ def summarize(entries: Dict[tuple, dict], num_repeats: int, num_examples: int, k
 # ---------------------------------------------------------------------------------------------------
 def make_batch_fn(config, sde, model, settings: EvalSettings, mesh, is_toy: bool):
   """The jitted per-batch program (params, x, key) -> (value [B], bound [B], nfe): bits/dim (images,
-  x uint8) or NLL in nats/dim (toy, x float), batch sharded along `mesh`, params and key replicated."""
+  x uint8) or NLL in nats/dim (toy, x float), batch sharded along `mesh`, params and key replicated.
+
+  The likelihood solve is pinned to the batch sharding too (`ode.solve`'s `sharding`): every device
+  integrates its share of the batch, in lockstep under one step-size controller for the whole batch (an
+  all-reduce of the error norm per step), so the values do not depend on the device count."""
   from score_sde_jax import models
   from score_sde_jax.datasets import get_data_scaler
   from score_sde_jax.train import parallel
@@ -342,6 +346,7 @@ def make_batch_fn(config, sde, model, settings: EvalSettings, mesh, is_toy: bool
   s = settings
   scaler = get_data_scaler(config)
   centered = bool(config.data.centered)
+  rep, bsh = parallel.replicated(mesh), parallel.batch_sharding(mesh)
 
   def fn(params, x, key):
     score_fn = models.get_score_fn(sde, model, params, continuous=continuous, train=False)
@@ -351,7 +356,7 @@ def make_batch_fn(config, sde, model, settings: EvalSettings, mesh, is_toy: bool
       y = scaler(x)
       logp, _, nfe = likelihood.log_likelihood(k_ll, sde, score_fn, y, divergence=s.divergence,
                                                rtol=s.rtol, atol=s.atol, eps=s.eps,
-                                               num_probes=s.num_probes, solver=s.solver)
+                                               num_probes=s.num_probes, solver=s.solver, sharding=bsh)
       log_det = likelihood._elementwise_log_abs_derivative(scaler, x)  # pylint: disable=protected-access
       value = -(logp + log_det) / d
       if s.bound:
@@ -362,7 +367,7 @@ def make_batch_fn(config, sde, model, settings: EvalSettings, mesh, is_toy: bool
     value, _, nfe = likelihood.bits_per_dim(
         k_ll, sde, score_fn, x, num_bits=8, scaler="centered" if centered else "unit",
         dequantization="uniform", divergence=s.divergence, rtol=s.rtol, atol=s.atol, eps=s.eps,
-        num_probes=s.num_probes, solver=s.solver)
+        num_probes=s.num_probes, solver=s.solver, sharding=bsh)
     if s.bound:
       # The same dequantization noise as bits_per_dim (it splits its key the same way).
       k_deq = jax.random.split(k_ll)[0]
@@ -375,7 +380,6 @@ def make_batch_fn(config, sde, model, settings: EvalSettings, mesh, is_toy: bool
       bound = jnp.zeros_like(value)
     return value, bound, nfe
 
-  rep, bsh = parallel.replicated(mesh), parallel.batch_sharding(mesh)
   return jax.jit(fn, in_shardings=(rep, bsh, rep), out_shardings=(bsh, bsh, rep))
 
 

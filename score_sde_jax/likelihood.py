@@ -38,60 +38,84 @@ def _probes(key, divergence, num_probes, shape, dtype):
 
 
 def augmented_dynamics(sde, score_fn, divergence="hutchinson_rademacher", probes=None):
-  """(t, (x, ·)) ↦ (f̃(x, t), ∇·f̃(x, t)): the vector field of the joint ODE for x and Δlog p."""
+  """(t, (x, ·)) ↦ (f̃(x, t), ∇·f̃(x, t)): the vector field of the joint ODE for x and Δlog p (Hutchinson
+  probes [P, B, *D], fixed)."""
+  f = likelihood_vector_field(sde, score_fn, divergence)
+  batch_probes = None if probes is None else jnp.moveaxis(probes, 0, 1)
+  return lambda t, state: f(t, state, batch_probes)
+
+
+def likelihood_vector_field(sde, score_fn, divergence="hutchinson_rademacher"):
+  """The same vector field as f(t, (x, ·), probes), the probes passed in (not closed over) with the batch
+  axis first, [B, P, *D] (None for the exact divergence), so that `ode.solve` can vmap them with x for
+  the per-example controller."""
   drift = probability_flow_drift(sde, score_fn)
 
-  def f(t, state):
+  def f(t, state, probes):
     x, _ = state
     fn = lambda y: drift(t, y)
     if divergence == "exact":
       return fn(x), divergence_lib.exact_divergence(fn, x)
-    return divergence_lib.hutchinson_divergence(fn, x, probes)
+    return divergence_lib.hutchinson_divergence(fn, x, jnp.moveaxis(probes, 1, 0))
 
   return f
 
 
-def _check_common(sde, score_fn, x, eps, solver, rtol, atol, num_steps):
+def _check_common(sde, score_fn, x, eps, solver, rtol, atol, num_steps, controller="batch",
+                  step_control=None):
   checks.check_sde(sde)
   shape = checks.check_shape("x.shape", getattr(x, "shape", None))
   checks.check_eps(eps, sde.T)
   ode_lib.check_solver_args(solver, rtol, atol, num_steps)
+  ode_lib.check_controller(controller)
+  ode_lib.check_step_control(step_control, solver)
   checks.check_score_fn(score_fn, shape)
   return shape
 
 
 def log_likelihood(key, sde, score_fn, x, divergence="hutchinson_rademacher", rtol=1e-5, atol=1e-5,
-                   eps=1e-5, num_probes=1, solver="tsit5", num_steps=None, max_steps=16384):
+                   eps=1e-5, num_probes=1, solver=ode_lib.DEFAULT_SOLVER, num_steps=None,
+                   max_steps=16384, controller="batch", step_control=None, sharding=None):
   """log p_eps(x) in nats, per example [B], by the probability-flow ODE from eps to T.
 
   Returns (logp, z, nfe): z = x(T) (whose prior log-density enters logp) and the number of evaluations
   of the ODE's vector field (each one forward and `num_probes` JVPs of the score model for Hutchinson, or
-  one forward and D JVPs for 'exact').
+  one forward and D JVPs for 'exact').  The Hutchinson probes are drawn once for the whole batch (their
+  values do not depend on how it is sharded) and fixed over the solve, as the official code does.
+  controller ('batch' | 'per_example'), step_control (None: the solver's) and sharding (of the batch
+  axis): see `ode.solve`; with 'per_example' nfe is the largest example's.
   """
-  shape = _check_common(sde, score_fn, x, eps, solver, rtol, atol, num_steps)
+  shape = _check_common(sde, score_fn, x, eps, solver, rtol, atol, num_steps, controller, step_control)
   divergence = checks.check_choice("divergence", checks.normalize_name(divergence), DIVERGENCES)
   checks.check_positive_int("num_probes", num_probes)
   x = jnp.asarray(x, jnp.float32)
-  probes = None if divergence == "exact" else _probes(key, divergence, num_probes, shape, x.dtype)
-  f = augmented_dynamics(sde, score_fn, divergence, probes)
-  (z, delta_logp), nfe = ode_lib.solve(f, (x, jnp.zeros((shape[0],), x.dtype)), eps, sde.T,
+  probes = None
+  if divergence != "exact":
+    probes = jnp.moveaxis(_probes(key, divergence, num_probes, shape, x.dtype), 0, 1)  # [B, P, *D]
+  f = likelihood_vector_field(sde, score_fn, divergence)
+  (z, delta_logp), nfe = ode_lib.solve(f, (x, jnp.zeros((shape[0],), x.dtype)), eps, sde.T, args=probes,
                                        solver=solver, rtol=rtol, atol=atol, num_steps=num_steps,
-                                       max_steps=max_steps)
+                                       max_steps=max_steps, controller=controller,
+                                       step_control=step_control, sharding=sharding)
   return sde.prior_logp(z) + delta_logp, z, nfe
 
 
-def encode(sde, score_fn, x, *, eps=1e-5, rtol=1e-5, atol=1e-5, solver="tsit5", num_steps=None):
+def encode(sde, score_fn, x, *, eps=1e-5, rtol=1e-5, atol=1e-5, solver=ode_lib.DEFAULT_SOLVER,
+           num_steps=None, controller="batch", step_control=None, sharding=None):
   """x ↦ z = x(T): the probability-flow ODE from eps to T.  Returns (z, nfe)."""
-  _check_common(sde, score_fn, x, eps, solver, rtol, atol, num_steps)
+  _check_common(sde, score_fn, x, eps, solver, rtol, atol, num_steps, controller, step_control)
   return ode_lib.solve(probability_flow_drift(sde, score_fn), jnp.asarray(x, jnp.float32), eps, sde.T,
-                       solver=solver, rtol=rtol, atol=atol, num_steps=num_steps)
+                       solver=solver, rtol=rtol, atol=atol, num_steps=num_steps, controller=controller,
+                       step_control=step_control, sharding=sharding)
 
 
-def decode(sde, score_fn, z, *, eps=1e-5, rtol=1e-5, atol=1e-5, solver="tsit5", num_steps=None):
+def decode(sde, score_fn, z, *, eps=1e-5, rtol=1e-5, atol=1e-5, solver=ode_lib.DEFAULT_SOLVER,
+           num_steps=None, controller="batch", step_control=None, sharding=None):
   """z ↦ x = x(eps): the probability-flow ODE from T to eps.  Returns (x, nfe)."""
-  _check_common(sde, score_fn, z, eps, solver, rtol, atol, num_steps)
+  _check_common(sde, score_fn, z, eps, solver, rtol, atol, num_steps, controller, step_control)
   return ode_lib.solve(probability_flow_drift(sde, score_fn), jnp.asarray(z, jnp.float32), sde.T, eps,
-                       solver=solver, rtol=rtol, atol=atol, num_steps=num_steps)
+                       solver=solver, rtol=rtol, atol=atol, num_steps=num_steps, controller=controller,
+                       step_control=step_control, sharding=sharding)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -138,7 +162,8 @@ def _check_integer_data(x, num_bits, dequantization):
 
 def bits_per_dim(key, sde, score_fn, x, *, num_bits=8, scaler="centered", dequantization="uniform",
                  divergence="hutchinson_rademacher", rtol=1e-5, atol=1e-5, eps=1e-5, num_probes=1,
-                 solver="tsit5", num_steps=None):
+                 solver=ode_lib.DEFAULT_SOLVER, num_steps=None, controller="batch", step_control=None,
+                 sharding=None):
   """Bits per dimension of b-bit integer data x ∈ {0, …, 2^b − 1}^D under the model (see BPD_CONVENTION).
 
   Derivation: with u = (x + U)/2^b and y = scaler(u), the continuous density of v = x + U ∈ [0, 2^b)^D is
@@ -148,6 +173,7 @@ def bits_per_dim(key, sde, score_fn, x, *, num_bits=8, scaler="centered", dequan
   scaler: 'centered' (y = 2u − 1), 'unit' (y = u) or any elementwise callable on [0, 1]; its exact
   log-Jacobian is taken by automatic differentiation.  dequantization: 'uniform' (adds U[0, 1) noise to
   integer data; non-integer data is refused) or 'none' (x is already dequantized, in [0, 2^b)).
+  controller, step_control, sharding: see `log_likelihood`.
   Returns (bpd [B], z, nfe).
   """
   checks.check_positive_int("num_bits", num_bits)
@@ -165,7 +191,8 @@ def bits_per_dim(key, sde, score_fn, x, *, num_bits=8, scaler="centered", dequan
   y = scaler(u)
   log_det = _elementwise_log_abs_derivative(scaler, u)
   logp, z, nfe = log_likelihood(k_ll, sde, score_fn, y, divergence=divergence, rtol=rtol, atol=atol,
-                                eps=eps, num_probes=num_probes, solver=solver, num_steps=num_steps)
+                                eps=eps, num_probes=num_probes, solver=solver, num_steps=num_steps,
+                                controller=controller, step_control=step_control, sharding=sharding)
   d = math.prod(y.shape[1:])
   bpd = -(logp + log_det) / (d * math.log(2)) + num_bits
   return bpd, z, nfe

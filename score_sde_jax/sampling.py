@@ -297,20 +297,30 @@ def probability_flow_drift(sde, score_fn):
   return drift
 
 
-def ode_sample(key, sde, score_fn, shape, solver="tsit5", rtol=1e-5, atol=1e-5, eps=1e-3,
-               num_steps=None, denoise=False, max_steps=16384):
+def ode_sample(key, sde, score_fn, shape, solver=ode_lib.DEFAULT_SOLVER, rtol=1e-5, atol=1e-5,
+               eps=1e-3, num_steps=None, denoise=False, max_steps=16384, controller="batch", step_control=None,
+               sharding=None):
   """Samples by solving the probability-flow ODE from x(T) ~ prior to t = eps with diffrax
-  (adaptive tsit5/dopri5 on rtol/atol, or `num_steps` fixed steps of any solver).  `denoise` adds one
-  noise-free reverse-diffusion step at t = eps (the official ODE sampler's `denoise`).
-  Returns (x, nfe) with nfe the true number of score evaluations."""
+  (adaptive rk45/tsit5/dopri5/bosh3 on rtol/atol, or `num_steps` fixed steps of any solver).  `denoise` adds
+  one noise-free reverse-diffusion step at t = eps (the official ODE sampler's `denoise`).
+  Returns (x, nfe) with nfe the true number of score evaluations (on the whole batch).
+
+  Sharded over the devices when the caller's `jit` asks for a batch-sharded x (as scripts/sample.py and
+  the training snapshots do) or when `sharding` (of the batch axis) is given: every device integrates
+  its share of the batch, in lockstep with one step-size controller over the whole batch, so the samples
+  do not depend on the device count (see `ode.solve`).  controller='per_example' gives every sample its
+  own steps (nfe is then the largest count); step_control (None: the solver's): see `ode.solve`."""
   checks.check_sde(sde)
   shape = checks.check_shape("shape", shape)
   checks.check_eps(eps, sde.T)
   ode_lib.check_solver_args(solver, rtol, atol, num_steps)
+  ode_lib.check_controller(controller)
+  ode_lib.check_step_control(step_control, solver)
   checks.check_score_fn(score_fn, shape)
   x = sde.prior_sampling(key, shape)
   x, nfe = ode_lib.solve(probability_flow_drift(sde, score_fn), x, sde.T, eps, solver=solver,
-                         rtol=rtol, atol=atol, num_steps=num_steps, max_steps=max_steps)
+                         rtol=rtol, atol=atol, num_steps=num_steps, max_steps=max_steps,
+                         controller=controller, step_control=step_control, sharding=sharding)
   if denoise:
     _, x = reverse_diffusion(key, x, jnp.full((shape[0],), eps), sde, score_fn)
     nfe = nfe + 1
@@ -335,12 +345,13 @@ def get_sampler(config, sde, shape):
         probability_flow=bool(s.probability_flow), order=s.get("order", "predictor_first"))
   if method == "ode":
     num_steps = int(s.get("ode_num_steps", 0)) or None
-    ode_lib.check_solver_args(s.get("ode_solver", "tsit5"), s.get("ode_rtol", 1e-5),
+    ode_lib.check_solver_args(s.get("ode_solver", ode_lib.DEFAULT_SOLVER), s.get("ode_rtol", 1e-5),
                               s.get("ode_atol", 1e-5), num_steps)
+    controller = ode_lib.check_controller(s.get("ode_controller", "batch"))
     return lambda key, score_fn: ode_sample(
-        key, sde, score_fn, shape, solver=s.get("ode_solver", "tsit5"),
+        key, sde, score_fn, shape, solver=s.get("ode_solver", ode_lib.DEFAULT_SOLVER),
         rtol=float(s.get("ode_rtol", 1e-5)), atol=float(s.get("ode_atol", 1e-5)), eps=eps,
-        num_steps=num_steps, denoise=bool(s.noise_removal))
+        num_steps=num_steps, denoise=bool(s.noise_removal), controller=controller)
   return lambda key, score_fn: annealed_langevin_sample(
       key, sde, score_fn, shape, n_steps_each=int(s.n_steps_each),
       step_lr=float(s.get("ald_step_lr", 2e-5)), denoise=bool(s.noise_removal))

@@ -34,7 +34,7 @@ X = jnp.linspace(-1, 1, 8)[:, None]
     (lambda: sampling.pc_sample(KEY, VP, lambda x, t: x[:, :0], (8, 1)), "must return an array shaped like x"),
     (lambda: sampling.pc_sample(KEY, "vp", SCORE, (8, 1)), "sde must be a VESDE, VPSDE or SubVPSDE"),
     (lambda: sampling.ode_sample(KEY, VP, SCORE, (8, 1), solver="rk4"),
-     r"Unknown solver 'rk4'; allowed values: 'dopri5', 'euler', 'heun', 'tsit5'"),
+     r"Unknown solver 'rk4'; allowed values: 'bosh3', 'dopri5', 'euler', 'heun', 'rk45', 'tsit5'"),
     (lambda: sampling.ode_sample(KEY, VP, SCORE, (8, 1), solver="euler"), "pass num_steps"),
     (lambda: sampling.ode_sample(KEY, VP, SCORE, (8, 1), rtol=0.0), "rtol must be a positive"),
     (lambda: sampling.ode_sample(KEY, VP, SCORE, (8, 1), atol=-1e-5), "atol must be a positive"),

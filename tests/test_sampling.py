@@ -149,3 +149,24 @@ def test_get_sampler_follows_the_config():
   x, nfe = jax.jit(lambda k: sampling.get_sampler(config, sde, (500, 1))(k, score_fn))(
       jax.random.PRNGKey(6))
   assert int(nfe) == 2 * sde.N
+
+
+def test_reported_nfe_counts_every_evaluation_of_the_added_solvers_and_step_control():
+  """As above, for 'bosh3', 'rk45' (its 'scipy' step control: the first step by Hairer's algorithm, f at
+  t0 reused by the first step), 'tsit5'/'dopri5' with step_control='scipy' and 'rk45' with diffrax's."""
+  sde = sde_lib.VPSDE(N=50)
+  base = MIX.perturbed_score_fn(sde)
+  count = [0]
+
+  def counting_score_fn(x, t):
+    jax.debug.callback(lambda: count.__setitem__(0, count[0] + 1))
+    return base(x, t)
+
+  for solver, step_control in [("bosh3", None), ("rk45", None), ("tsit5", "scipy"), ("dopri5", "scipy"),
+                               ("rk45", "diffrax")]:
+    count[0] = 0
+    x, nfe = sampling.ode_sample(jax.random.PRNGKey(4), sde, counting_score_fn, (64, 1), solver=solver,
+                                 step_control=step_control, rtol=1e-4, atol=1e-4)
+    jax.block_until_ready(x)
+    jax.effects_barrier()
+    assert int(nfe) == count[0], (solver, step_control, int(nfe), count[0])
