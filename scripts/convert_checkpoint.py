@@ -13,7 +13,8 @@ instead (or as well) writes the Flax variables alone (`flax.serialization.msgpac
 weights unless `--weights raw`.  No PyTorch is needed: `.pth` files are read by
 `score_sde_jax.torch_pickle`, which runs no code from the file.  `--check` runs one forward pass.
 
-Exit status: 0 done, 2 bad config, flags or checkpoint (one `ERROR:` line).
+Exit status: 0 done, 2 bad config, flags or checkpoint (one `ERROR:` line; `--verbose` adds the
+traceback); nothing is written unless every input is good.
 """
 from __future__ import annotations
 
@@ -21,9 +22,13 @@ import argparse
 import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from score_sde_jax.train import cli  # noqa: E402
+
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = cli.argument_parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--config", required=True, help="config file defining get_config()")
   parser.add_argument("--checkpoint", required=True,
                       help="official JAX checkpoint_<k> (or a directory of them) or PyTorch .pth")
@@ -35,9 +40,9 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   try:
     return _run(args)
-  except ValueError as e:   # CheckpointError, ConfigError and bad values are ValueErrors
-    print(f"ERROR: {str(e).splitlines()[0]}", file=sys.stderr)
-    return 2
+  except (ValueError, FileNotFoundError) as e:   # CheckpointError, ConfigError and bad values are ValueErrors
+    cli.print_error(e, e, args.verbose)
+    return cli.EXIT_USER_ERROR
 
 
 def _run(args) -> int:
@@ -50,10 +55,17 @@ def _run(args) -> int:
   if args.workdir is None and args.output is None:
     raise ValueError("nothing to write: pass --workdir DIR (a workdir for sample.py/evaluate.py) and/or "
                      "--output FILE.msgpack (the variables alone).")
-  try:
-    config = config_utils.load_config_file(args.config)
-  except (OSError, ValueError) as e:
-    raise ValueError(f"cannot load config file {args.config!r}: {e}") from None
+  problem = cli.config_file_problem(args.config)
+  if problem:
+    raise ValueError(f"--config {problem}")
+  config = config_utils.load_config_file(args.config)
+  for name, path in (("--workdir", args.workdir), ("--output", args.output)):
+    if path is not None and os.path.exists(path) and os.path.isdir(path) != (name == "--workdir"):
+      raise ValueError(f"{name} {path} exists and is {'not ' if name == '--workdir' else ''}a directory; "
+                       f"pass {'a directory' if name == '--workdir' else 'a file name'}.")
+  if args.output is not None and not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
+    raise ValueError(f"--output {args.output}: the directory {os.path.dirname(os.path.abspath(args.output))} "
+                     f"does not exist.")
   if args.workdir is not None and os.path.isdir(os.path.join(args.workdir, "checkpoints")) and os.listdir(
       os.path.join(args.workdir, "checkpoints")):
     raise ValueError(f"{args.workdir} already holds checkpoints; convert into a new --workdir (nothing was "
@@ -102,13 +114,15 @@ def write_workdir(workdir: str, config, ema, raw) -> str:
   state = state_lib.TrainState(step=jnp.asarray(step, jnp.int32), params=params,
                                ema_params=jax.tree.map(jnp.asarray, ema.variables), opt_state=tx.init(params),
                                rng=jax.random.PRNGKey(int(config.seed)))
+  from score_sde_jax.train import lock as lock_lib
   os.makedirs(workdir, exist_ok=True)
-  config_utils.save_config(workdir, config)
-  ck = ckpt_lib.Checkpointer(workdir, async_save=False)
-  try:
-    ck.save(step, state, ckpt_lib.converted_data_state(ema.path), wait=True)
-  finally:
-    ck.close()
+  with lock_lib.acquire(workdir):     # not while a training writes there
+    config_utils.save_config(workdir, config)
+    ck = ckpt_lib.Checkpointer(workdir, async_save=False)
+    try:
+      ck.save(step, state, ckpt_lib.converted_data_state(ema.path), wait=True)
+    finally:
+      ck.close()
   return os.path.join(ckpt_lib.checkpoint_dir(workdir), str(step))
 
 

@@ -27,95 +27,119 @@ example counted once.  Per-batch results go to
 `<workdir>/eval/*.jsonl` as they finish; rerunning the same command continues where it stopped; the
 summary is written beside it as `.summary.json`.  Without --config the workdir's saved config is used.
 
-Exit status: 0 done, 2 bad config / missing workdir or checkpoint / unreadable data, 4 another process of a
-multi-host run stopped.
+`--set a.b=value` overrides a field of the config (strict, as in sample.py: an unknown key is an error
+naming the closest one).  When the EMA weights evaluated are still mostly the initialisation (step <
+3/(1 − model.ema_rate)) one line says so (`--weights raw` with --checkpoint).
+
+Exit status: 0 done, 2 bad config / flags / missing workdir or checkpoint / unreadable data (one `ERROR:`
+line; `--verbose` adds the traceback), 4 another process of a multi-host run stopped.
 """
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
-
-FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file (default: the workdir's saved config).",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "Training workdir (holds config.json and checkpoints/); with "
-                    "--checkpoint: where the results go.")
-flags.DEFINE_string("checkpoint", None, "Evaluate this checkpoint instead of the workdir's: official JAX "
-                    "checkpoint_<k> (or a directory of them), official PyTorch .pth, or a workdir.")
-flags.DEFINE_enum("weights", "ema", ["ema", "raw"], "EMA weights (the paper's) or the raw training weights.")
-flags.DEFINE_string("checkpoints", "latest", "'latest', 'range' (eval.begin_ckpt..end_ckpt) or steps "
-                    "'5000,10000'.")
-flags.DEFINE_integer("batch_size", None, "Global batch (default eval.batch_size; padded to a multiple "
-                     "of the device count).")
-flags.DEFINE_integer("max_examples", None, "Only the first n examples of the split.")
-flags.DEFINE_integer("seed", None, "Seed of the noise (default: config.seed).")
-flags.DEFINE_bool("bound", True, "Also compute ScoreFlow's variational bound.")
-flags.DEFINE_integer("bound_num_t", 16, "Monte Carlo draws of t per example for the bound.")
-flags.DEFINE_bool("multihost", False, "Multi-host run (also: SCORE_SDE_DISTRIBUTED=1): every host runs the "
-                  "same command; JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID where the cluster "
-                  "is not detected (TPU pods, SLURM).")
-flags.DEFINE_bool("progress", True, "Show a progress bar.")
+FLAGS = None   # the parsed flags (score_sde_jax.train.cli.run gives every run its own)
 
 
-def main(argv):
-  del argv
-  logging.set_verbosity(logging.WARNING)
-  from score_sde_jax.train import parallel
+def define_flags(fv):
+  from absl import flags
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file("config", None, "Config file (default: the workdir's saved config).",
+                                  lock_config=True, flag_values=fv)
+  flags.DEFINE_string("workdir", None, "Training workdir (holds config.json and checkpoints/); with "
+                      "--checkpoint: where the results go.", flag_values=fv)
+  flags.DEFINE_string("checkpoint", None, "Evaluate this checkpoint instead of the workdir's: official JAX "
+                      "checkpoint_<k> (or a directory of them), official PyTorch .pth, or a workdir.",
+                      flag_values=fv)
+  flags.DEFINE_enum("weights", "ema", ["ema", "raw"], "EMA weights (the paper's) or the raw training "
+                    "weights.", flag_values=fv)
+  flags.DEFINE_multi_string("set", [], "Override a field of the config (strict: the key must exist): "
+                            "--set eval.num_repeats=2", flag_values=fv)
+  flags.DEFINE_string("checkpoints", "latest", "'latest', 'range' (eval.begin_ckpt..end_ckpt) or steps "
+                      "'5000,10000'.", flag_values=fv)
+  flags.DEFINE_integer("batch_size", None, "Global batch (default eval.batch_size; padded to a multiple "
+                       "of the device count).", flag_values=fv)
+  flags.DEFINE_integer("max_examples", None, "Only the first n examples of the split.", flag_values=fv)
+  flags.DEFINE_integer("seed", None, "Seed of the noise (default: config.seed).", flag_values=fv)
+  flags.DEFINE_bool("bound", True, "Also compute ScoreFlow's variational bound.", flag_values=fv)
+  flags.DEFINE_integer("bound_num_t", 16, "Monte Carlo draws of t per example for the bound.",
+                       flag_values=fv)
+  flags.DEFINE_bool("multihost", False, "Multi-host run (also: SCORE_SDE_DISTRIBUTED=1): every host runs the "
+                    "same command; JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID where the "
+                    "cluster is not detected (TPU pods, SLURM).", flag_values=fv)
+  flags.DEFINE_bool("progress", True, "Show a progress bar.", flag_values=fv)
+
+
+def main(fv):
+  global FLAGS
+  FLAGS = fv
+  from score_sde_jax import evaluation
+  from score_sde_jax.train import cli, parallel
   try:
     parallel.initialize_distributed(True if FLAGS.multihost else None)
   except parallel.DistributedError as e:
-    print(f"ERROR: {e}", file=sys.stderr)
-    sys.exit(2)
-  parallel.run_main(_main)
+    cli.print_error(e, e, FLAGS.verbose)
+    return cli.EXIT_USER_ERROR
+  parallel.run_main(cli.guarded(_main, verbose=FLAGS.verbose, user_errors=(evaluation.EvalError, ValueError)))
+
+
+def run(argv=None) -> int:
+  """The script on `argv` (default sys.argv); returns the exit status (some paths raise SystemExit)."""
+  from score_sde_jax.train import cli
+  return cli.run(argv, doc=__doc__, define_flags=define_flags, main=main)
 
 
 def _main():
   import jax
   from score_sde_jax import checkpoints, evaluation
-  from score_sde_jax.train import restore
+  from score_sde_jax.train import config_utils, restore
+  from score_sde_jax.train import state as state_lib
 
-  try:
-    if FLAGS.workdir is None and FLAGS.checkpoint is None:
-      raise evaluation.EvalError("pass --workdir (a training workdir) or --checkpoint (any checkpoint, "
-                                 "with --config).")
-    if FLAGS.config is None and FLAGS.checkpoint is not None:
-      raise evaluation.EvalError(f"pass --config <the config {FLAGS.checkpoint} was trained with>, e.g. "
-                                 f"configs/subvp/cifar10_ddpmpp_deep_continuous.py.")
-    if FLAGS.config is not None:
-      config = FLAGS.config
-    else:
-      try:
-        config = restore.load_workdir_config(FLAGS.workdir)
-      except FileNotFoundError as e:
-        raise evaluation.EvalError(f"{e} Pass --config, or train first: python scripts/train.py "
-                                   f"--config <config.py> --workdir {FLAGS.workdir}") from e
-    if not bool(config.eval.get("enable_bpd", False)):
-      print("eval.enable_bpd is False: nothing to do (pass --config.eval.enable_bpd=True).",
-            file=sys.stderr)
-      return
-    which = FLAGS.checkpoints
-    if which not in ("latest", "range"):
-      try:
-        which = [int(s) for s in which.split(",") if s.strip()]
-      except ValueError:
-        raise evaluation.EvalError(f"--checkpoints must be 'latest', 'range' or comma-separated steps; "
-                                   f"got {FLAGS.checkpoints!r}") from None
-    pretrained, workdir = None, FLAGS.workdir
-    if FLAGS.checkpoint is not None:
-      pretrained = checkpoints.read_pretrained(FLAGS.checkpoint, config, weights=FLAGS.weights)
-      workdir = workdir or checkpoints.default_output_dir(pretrained)
-      if jax.process_index() == 0:
-        print(f"{pretrained.weights} weights of step {pretrained.step} from {pretrained.path} "
-              f"({pretrained.format}, fingerprint {pretrained.fingerprint})")
-    elif which == "latest":
-      which = _newest_readable(config, workdir, evaluation, restore)
-    evaluation.evaluate_likelihood(config, workdir, checkpoints=which, batch_size=FLAGS.batch_size,
-                                   max_examples=FLAGS.max_examples, seed=FLAGS.seed, bound=FLAGS.bound,
-                                   bound_num_t=FLAGS.bound_num_t, progress=FLAGS.progress,
-                                   pretrained=pretrained)
-  except (evaluation.EvalError, ValueError) as e:
-    print(f"ERROR: {e}", file=sys.stderr)
-    sys.exit(2)
+  # Bad input raises: the guard of main() prints it as one ERROR line (exit 2).
+  if FLAGS.workdir is None and FLAGS.checkpoint is None:
+    raise evaluation.EvalError("pass --workdir (a training workdir) or --checkpoint (any checkpoint, "
+                               "with --config).")
+  if FLAGS.config is None and FLAGS.checkpoint is not None:
+    raise evaluation.EvalError(f"pass --config <the config {FLAGS.checkpoint} was trained with>, e.g. "
+                               f"configs/subvp/cifar10_ddpmpp_deep_continuous.py.")
+  if FLAGS.config is not None:
+    config = FLAGS.config
+  else:
+    try:
+      config = restore.load_workdir_config(FLAGS.workdir)
+    except FileNotFoundError as e:
+      raise evaluation.EvalError(f"{e} Pass --config, or train first: python scripts/train.py "
+                                 f"--config <config.py> --workdir {FLAGS.workdir}") from e
+  config_utils.apply_overrides(config, FLAGS.set)
+  if not bool(config.eval.get("enable_bpd", False)):
+    print("eval.enable_bpd is False: nothing to do (pass --config.eval.enable_bpd=True).",
+          file=sys.stderr)
+    return
+  which = FLAGS.checkpoints
+  if which not in ("latest", "range"):
+    try:
+      which = [int(s) for s in which.split(",") if s.strip()]
+    except ValueError:
+      raise evaluation.EvalError(f"--checkpoints must be 'latest', 'range' or comma-separated steps; "
+                                 f"got {FLAGS.checkpoints!r}") from None
+  pretrained, workdir = None, FLAGS.workdir
+  if FLAGS.checkpoint is not None:
+    pretrained = checkpoints.read_pretrained(FLAGS.checkpoint, config, weights=FLAGS.weights)
+    workdir = workdir or checkpoints.default_output_dir(pretrained)
+    if jax.process_index() == 0:
+      print(f"{pretrained.weights} weights of step {pretrained.step} from {pretrained.path} "
+            f"({pretrained.format}, fingerprint {pretrained.fingerprint})")
+  elif which == "latest":
+    which = _newest_readable(config, workdir, evaluation, restore)
+  steps = ([pretrained.step] if pretrained is not None else which if isinstance(which, list) else [])
+  steps = [s for s in steps if s is not None]
+  if (pretrained is None or pretrained.weights == "ema") and steps and jax.process_index() == 0:
+    note = state_lib.young_ema_note(min(steps), float(config.model.get("ema_rate", 0.0)),
+                                    raw_hint="--checkpoint <workdir> --weights raw")
+    if note:
+      print(note)
+  evaluation.evaluate_likelihood(config, workdir, checkpoints=which, batch_size=FLAGS.batch_size,
+                                 max_examples=FLAGS.max_examples, seed=FLAGS.seed, bound=FLAGS.bound,
+                                 bound_num_t=FLAGS.bound_num_t, progress=FLAGS.progress,
+                                 pretrained=pretrained)
 
 
 def _newest_readable(config, workdir, evaluation, restore):
@@ -138,4 +162,4 @@ def _newest_readable(config, workdir, evaluation, restore):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  sys.exit(run())

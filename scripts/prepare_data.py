@@ -30,16 +30,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from score_sde_jax.config_defaults import base_config  # noqa: E402
 from score_sde_jax.datasets import builders, images  # noqa: E402
+from score_sde_jax.train import cli  # noqa: E402
 
 
 def _error(message: str) -> int:
   """Prints `ERROR: message` (one line) on stderr; returns the exit status for bad input, 2."""
-  print("ERROR: " + " ".join(message.split()), file=sys.stderr)
-  return 2
+  cli.print_error(message)
+  return cli.EXIT_USER_ERROR
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = cli.argument_parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--dataset", required=True, choices=images.IMAGE_DATASETS)
   parser.add_argument("--data_dir", default="", help="tfds data dir (default $TFDS_DATA_DIR or ~/tensorflow_datasets)")
   parser.add_argument("--mnist_dir", default=None, help="MNIST: directory of the IDX .gz files (+ SHA256SUMS)")

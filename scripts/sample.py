@@ -27,72 +27,64 @@ Multi-host (`--multihost` or SCORE_SDE_DISTRIBUTED=1, every host runs the same c
 and evaluating on a pod"): each host's devices draw their share of every batch, the samples are gathered,
 and process 0 alone writes the one .npz (exactly `--num_samples` samples) and the PNG.
 
-Exit status: 0 done, 2 bad config, flags or checkpoint (one `ERROR:` line), 4 another process of a
-multi-host run stopped.
+`--set a.b=value` is strict: a key the config does not have (at any depth) is an error naming the
+closest one, and the value must have the field's type.  When the EMA weights of a young checkpoint are
+still mostly the initialisation (step < 3/(1 − model.ema_rate)) one line says so (`--weights raw`).
+
+Exit status: 0 done, 2 bad config, flags or checkpoint (one `ERROR:` line; `--verbose` adds the
+traceback), 4 another process of a multi-host run stopped.
 """
 import os
+import sys
 import time
 
-from absl import app, flags, logging
-from ml_collections import config_flags
-
-FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Training workdir (holds config.json and checkpoints/); with "
-                    "--checkpoint: where the samples go.")
-flags.DEFINE_string("checkpoint", None, "Checkpoint to sample from instead of the workdir's: official JAX "
-                    "checkpoint_<k> (or a directory of them), official PyTorch .pth, or a workdir.")
-flags.DEFINE_enum("weights", "ema", ["ema", "raw"], "EMA weights (the paper's) or the raw training weights.")
-config_flags.DEFINE_config_file("config", None, "Optional config file instead of the saved config.",
-                                lock_config=True)
-flags.DEFINE_multi_string("set", [], "Override a field of the saved config: --set sampling.method=ode")
-flags.DEFINE_integer("num_samples", None, "How many samples (default: sampling.num_samples).")
-flags.DEFINE_integer("batch_size", None, "Samples per compiled batch (default: eval.batch_size).")
-flags.DEFINE_integer("step", None, "Checkpoint step (default: newest good one).")
-flags.DEFINE_integer("seed", 0, "Sampling seed.")
-flags.DEFINE_string("out", None, "Output .npz path (default: <workdir>/samples/sample_<step>.npz).")
-flags.DEFINE_bool("multihost", False, "Multi-host run (also: SCORE_SDE_DISTRIBUTED=1): every host runs the "
-                  "same command; JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID where the cluster "
-                  "is not detected (TPU pods, SLURM).")
-flags.DEFINE_bool("progress", True, "Show a progress bar.")
+FLAGS = None   # the parsed flags (score_sde_jax.train.cli.run gives every run its own)
 
 
-def _apply_set(config, assignments):
-  import ast
-  for a in assignments:
-    key, _, value = a.partition("=")
-    node = config
-    parts = key.split(".")
-    for p in parts[:-1]:
-      node = node[p]
-    try:
-      v = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      v = value
-    node[parts[-1]] = v
+def define_flags(fv):
+  from absl import flags
+  from ml_collections import config_flags
+  flags.DEFINE_string("workdir", None, "Training workdir (holds config.json and checkpoints/); with "
+                      "--checkpoint: where the samples go.", flag_values=fv)
+  flags.DEFINE_string("checkpoint", None, "Checkpoint to sample from instead of the workdir's: official JAX "
+                      "checkpoint_<k> (or a directory of them), official PyTorch .pth, or a workdir.",
+                      flag_values=fv)
+  flags.DEFINE_enum("weights", "ema", ["ema", "raw"], "EMA weights (the paper's) or the raw training "
+                    "weights.", flag_values=fv)
+  config_flags.DEFINE_config_file("config", None, "Optional config file instead of the saved config.",
+                                  lock_config=True, flag_values=fv)
+  flags.DEFINE_multi_string("set", [], "Override a field of the config (strict: the key must exist): "
+                            "--set sampling.method=ode", flag_values=fv)
+  flags.DEFINE_integer("num_samples", None, "How many samples (default: sampling.num_samples).",
+                       flag_values=fv)
+  flags.DEFINE_integer("batch_size", None, "Samples per compiled batch (default: eval.batch_size).",
+                       flag_values=fv)
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: newest good one).", flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "Sampling seed.", flag_values=fv)
+  flags.DEFINE_string("out", None, "Output .npz path (default: <workdir>/samples/sample_<step>.npz).",
+                      flag_values=fv)
+  flags.DEFINE_bool("multihost", False, "Multi-host run (also: SCORE_SDE_DISTRIBUTED=1): every host runs the "
+                    "same command; JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID where the "
+                    "cluster is not detected (TPU pods, SLURM).", flag_values=fv)
+  flags.DEFINE_bool("progress", True, "Show a progress bar.", flag_values=fv)
 
 
-def main(argv):
-  del argv
-  import sys
-  logging.set_verbosity(logging.WARNING)   # orbax logs every save at INFO
-  from score_sde_jax.train import parallel
+def main(fv):
+  global FLAGS
+  FLAGS = fv
+  from score_sde_jax.train import cli, parallel
   try:
     parallel.initialize_distributed(True if FLAGS.multihost else None)
   except parallel.DistributedError as e:
-    print(f"ERROR: {e}", file=sys.stderr)
-    sys.exit(2)
-  parallel.run_main(_checked_main)
+    cli.print_error(e, e, FLAGS.verbose)
+    return cli.EXIT_USER_ERROR
+  parallel.run_main(cli.guarded(_main, verbose=FLAGS.verbose, user_errors=(ValueError,)))
 
 
-def _checked_main():
-  import sys
-  from score_sde_jax import checkpoints
-  try:
-    _main()
-  except (checkpoints.CheckpointError, ValueError, KeyError, FileNotFoundError) as e:
-    msg = str(e).strip("'\"").splitlines()[0] if str(e) else type(e).__name__
-    print(f"ERROR: {msg}", file=sys.stderr)
-    sys.exit(2)
+def run(argv=None) -> int:
+  """The script on `argv` (default sys.argv); returns the exit status (some paths raise SystemExit)."""
+  from score_sde_jax.train import cli
+  return cli.run(argv, doc=__doc__, define_flags=define_flags, main=main)
 
 
 def _main():
@@ -101,7 +93,8 @@ def _main():
   from tqdm.auto import tqdm
 
   from score_sde_jax import checkpoints, models, plotting, sampling, sde as sde_lib
-  from score_sde_jax.train import loop, parallel, restore
+  from score_sde_jax.train import config_utils, loop, parallel, restore
+  from score_sde_jax.train import state as state_lib
 
   process0 = jax.process_index() == 0
   say = print if process0 else (lambda *_: None)
@@ -115,33 +108,48 @@ def _main():
   else:
     raise ValueError(f"{source} is not a training workdir: pass --config <the config the checkpoint was "
                      f"trained with>, e.g. configs/vp/cifar10_ddpmpp_continuous.py.")
-  _apply_set(config, FLAGS.set)
-  # Every process reads (a workdir checkpoint is restored onto this run's mesh, whatever wrote it).
-  pre = checkpoints.read_pretrained(source, config, weights=FLAGS.weights, step=FLAGS.step)
-  step = pre.step if pre.step is not None else 0
-  out_dir = FLAGS.workdir or checkpoints.default_output_dir(pre)
-  say(f"{pre.weights} weights of step {pre.step} from {pre.path} ({pre.format}, "
-      f"fingerprint {pre.fingerprint})")
-  sde = sde_lib.sde_from_config(config)
-  model = models.get_model(config)
-  _, inverse_scaler = loop.get_scalers(config)
+  config_utils.apply_overrides(config, FLAGS.set)
+  for name in ("num_samples", "batch_size"):
+    if getattr(FLAGS, name) is not None and getattr(FLAGS, name) < 1:
+      raise ValueError(f"--{name} must be positive; got {getattr(FLAGS, name)}.")
+  if FLAGS.step is not None and FLAGS.step < 0:
+    raise ValueError(f"--step must be a checkpoint's step (>= 0); got {FLAGS.step}.")
   mesh = parallel.make_mesh()
   n_dev = mesh.devices.size
   total = FLAGS.num_samples or int(config.sampling.get("num_samples", 64))
   if total < 1:
-    raise ValueError(f"--num_samples must be positive; got {total}.")
+    raise ValueError(f"sampling.num_samples must be positive; got {total}.")
   bs = FLAGS.batch_size or min(total, int(config.eval.batch_size))
   if bs < 1:
-    raise ValueError(f"--batch_size must be positive; got {bs}.")
+    raise ValueError(f"eval.batch_size must be positive; got {bs}.")
   if bs % n_dev:
     # Padding would change the samples of batch-coupled samplers (the Langevin corrector's step size is a
     # batch mean), so the batch is rounded instead.
     rounded = max(n_dev, bs // n_dev * n_dev)
     say(f"--batch_size {bs} is not a multiple of the {n_dev} devices: using {rounded}.")
     bs = rounded
+  # The config is checked (and the sampler built) before the checkpoint is read: a bad value fails fast.
+  try:
+    config_utils.validate_config(config, 1)
+  except config_utils.ConfigError as e:
+    raise config_utils.ConfigError(f"{e} (fix it with --set section.field=value or "
+                                   f"--config.section.field=value)") from None
+  sde = sde_lib.sde_from_config(config)
+  model = models.get_model(config)
+  _, inverse_scaler = loop.get_scalers(config)
   shape = (bs,) + restore.data_shape(config)
   sample_fn = sampling.get_sampler(config, sde, shape)
   rep, bsh = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+  # Every process reads (a workdir checkpoint is restored onto this run's mesh, whatever wrote it).
+  pre = checkpoints.read_pretrained(source, config, weights=FLAGS.weights, step=FLAGS.step)
+  step = pre.step if pre.step is not None else 0
+  out_dir = FLAGS.workdir or checkpoints.default_output_dir(pre)
+  say(f"{pre.weights} weights of step {pre.step} from {pre.path} ({pre.format}, "
+      f"fingerprint {pre.fingerprint})")
+  if pre.weights == "ema" and pre.step is not None:
+    note = state_lib.young_ema_note(pre.step, float(config.model.get("ema_rate", 0.0)))
+    if note:
+      say(note)
 
   def draw(params, key):
     score_fn = models.get_score_fn(sde, model, params, continuous=bool(config.training.continuous),
@@ -184,4 +192,4 @@ def _main():
 
 
 if __name__ == "__main__":
-  app.run(main)
+  sys.exit(run())

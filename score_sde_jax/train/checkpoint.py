@@ -17,12 +17,25 @@ host; `decode_data_state` therefore gives every host of an m-host run the state 
 
 `restore_latest` tries the newest checkpoint first and falls back to older ones when one cannot be read,
 reporting each one it skipped, and why, in one line.  Only a writable Checkpointer (training) moves an
-unreadable checkpoint aside (to `<workdir>/checkpoints_unreadable/`, saying so), so that training can
-write that step again; a read-only one (sampling, evaluation, `load_pretrained`) never creates, moves,
-renames or deletes anything.
+unreadable checkpoint aside (to `<workdir>/checkpoints_unreadable/`, saying so) — whether an older one
+restored or none did — so that training writes that step again: an unreadable checkpoint is never left
+as the newest one of a run that says "Done" (orbax would otherwise skip the save of an existing step, and
+its `max_to_keep` would count the unreadable one as the newest and delete the good new ones).  `save`
+of a step whose existing checkpoint is known unreadable moves that one aside first (a rename; nothing is
+deleted).  No good checkpoint is ever removed before its successor is complete: orbax writes a new one
+under a temporary name, renames it when complete, and only then deletes what `max_to_keep` lets go.  A
+read-only Checkpointer (sampling, evaluation, `load_pretrained`) never creates, moves, renames, cleans or
+deletes anything — in particular not orbax's temporary directories, which may be a running training's
+checkpoint in progress.
+
+A save that fails (disk full, permission denied, a lost file system: raised by `save` or, for an
+asynchronous save, by the next `save`/`wait`) raises `CheckpointWriteError` naming the step, the cause
+and the newest complete checkpoint (which is intact); the Checkpointer then refuses further saves
+(retrying cannot succeed until the cause is fixed) and `close` no longer raises.
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -99,6 +112,37 @@ def restore_target(abstract_state, sharding=None):
   return jax.tree_util.tree_map(one, abstract_state)
 
 
+class CheckpointWriteError(OSError):
+  """A checkpoint could not be written (disk full, permission denied, ...); the newest complete checkpoint
+  is intact.  `step`: the checkpoint that failed; `last_good`: the newest complete one (or None)."""
+
+  def __init__(self, message: str, step: Optional[int] = None, last_good: Optional[int] = None,
+               cause: Optional[BaseException] = None, err: Optional[int] = None):
+    super().__init__(err, message) if err is not None else super().__init__(message)
+    self.message, self.step, self.last_good, self.cause = message, step, last_good, cause
+
+  def __str__(self) -> str:
+    return self.message
+
+
+_NO_SPACE_HINTS = ("no space left", "resource_exhausted", "enospc", "quota exceeded", "disk quota")
+_PERMISSION_HINTS = ("permission denied", "permission_denied", "read-only file system", "eacces", "erofs")
+
+
+def describe_write_failure(e: BaseException) -> Tuple[str, Optional[int]]:
+  """(a one-line cause, errno) of a failed write, recognising disk-full and permission errors also when
+  orbax/tensorstore report them as ValueError('RESOURCE_EXHAUSTED: ...')."""
+  err = getattr(e, "errno", None)
+  text = str(e)
+  low = text.lower()
+  if err == errno.ENOSPC or any(h in low for h in _NO_SPACE_HINTS):
+    return "no space left on the device", errno.ENOSPC
+  if err in (errno.EACCES, errno.EPERM, errno.EROFS) or any(h in low for h in _PERMISSION_HINTS):
+    return "permission denied (or a read-only file system)", err or errno.EACCES
+  first = text.splitlines()[0][:300] if text else ""
+  return f"{type(e).__name__}: {first}", err
+
+
 class Checkpointer:
   """Saves and restores (state, data-iterator states) under `<workdir>/checkpoints`."""
 
@@ -114,6 +158,9 @@ class Checkpointer:
         cleanup_tmp_directories=not read_only, read_only=read_only)
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
     self.skipped: List[Tuple[int, str]] = []
+    self.unreadable: set = set()     # steps that failed to restore (moved aside before being rewritten)
+    self.failed: Optional[CheckpointWriteError] = None
+    self._pending: Optional[int] = None   # the step of an asynchronous save not yet known complete
 
   def all_steps(self) -> List[int]:
     return sorted(self.manager.all_steps())
@@ -123,16 +170,61 @@ class Checkpointer:
     call it.  With `wait`, blocks until the files are written."""
     if self.read_only:
       raise RuntimeError(f"internal: save on a read-only Checkpointer of {self.directory}")
+    if self.failed is not None:
+      raise self.failed
+    step = int(step)
     if step in self.manager.all_steps():
-      self.manager.wait_until_finished()
-      return
-    self.manager.save(int(step), args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_states)), force=True)
+      if step not in self.unreadable:
+        self.wait()          # the same step, already complete (e.g. the one this run resumed from)
+        return
+      # An unreadable checkpoint of this step: moved aside (kept for inspection), then written anew.
+      self._quarantine([step], print if jax.process_index() == 0 else (lambda *_: None))
+    if self._pending is not None:   # orbax waits for it anyway; its failure is then its own
+      self.wait()
+    self._guarded(step, lambda: self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_states)), force=True))
+    self.unreadable.discard(step)
+    self._pending = step
     if wait:
-      self.manager.wait_until_finished()
+      self.wait()
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    """Blocks until the asynchronous save (if any) is written; CheckpointWriteError when it failed."""
+    if self.failed is not None:
+      raise self.failed
+    self._guarded(self._pending, self.manager.wait_until_finished)
+    self._pending = None
+
+  def complete_steps(self) -> List[int]:
+    """Steps whose checkpoint directory is complete on disk (orbax renames a checkpoint to its step
+    only when it is fully written)."""
+    try:
+      return sorted(int(n) for n in os.listdir(self.directory)
+                    if n.isdigit() and os.path.isdir(os.path.join(self.directory, n)))
+    except OSError:
+      return []
+
+  def _guarded(self, step: Optional[int], fn: Callable[[], Any]) -> Any:
+    """Runs an orbax save/wait; any failure becomes a CheckpointWriteError (and this Checkpointer saves
+    no more).  An asynchronous save's error surfaces at the next call: it is then attributed to the
+    pending step."""
+    pending = self._pending
+    try:
+      return fn()
+    except Exception as e:  # noqa: BLE001  (whatever orbax/tensorstore raise for a failed write)
+      failed_step = pending if pending is not None else step
+      cause, err = describe_write_failure(e)
+      good = [s for s in self.complete_steps() if s != failed_step and s not in self.unreadable]
+      last_good = good[-1] if good else None
+      kept = (f"the newest complete checkpoint, step {last_good}, is intact"
+              if last_good is not None else "no complete checkpoint had been written yet")
+      what = f"the checkpoint of step {failed_step}" if failed_step is not None else "a checkpoint"
+      self.failed = CheckpointWriteError(
+          f"writing {what} to {self.directory} failed: {cause}; {kept}. "
+          f"Training stopped (retrying cannot succeed until this is fixed): free space or fix the "
+          f"permissions, then run the same command again to resume.",
+          step=failed_step, last_good=last_good, cause=e, err=err)
+      raise self.failed from e
 
   def restore(self, step: int, abstract_state):
     """(state, data_states) of checkpoint `step`, its arrays placed as `restore_target(abstract_state)`
@@ -159,8 +251,13 @@ class Checkpointer:
       except Exception as e:  # noqa: BLE001  (any read/decode failure means: try the previous one)
         reason = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
         self.skipped.append((step, reason))
+        self.unreadable.add(step)
         report(f"WARNING: skipping checkpoint {os.path.join(self.directory, str(step))} "
                f"(step {step}): it could not be restored ({reason}); trying the previous one.")
+    # None restored: training starts from scratch and writes these steps again; an unreadable checkpoint
+    # left in place would stay the "newest" one (see the module docstring).
+    if self.skipped and not self.read_only:
+      self._quarantine([s for s, _ in self.skipped], report)
     return None
 
   def _quarantine(self, steps, report) -> None:
@@ -171,6 +268,9 @@ class Checkpointer:
         src = os.path.join(self.directory, str(step))
         if os.path.isdir(src):
           dest = os.path.join(dest_root, f"{step}.{int(time.time())}")
+          n = 1
+          while os.path.exists(dest):   # two quarantines of one step within a second
+            dest, n = os.path.join(dest_root, f"{step}.{int(time.time())}.{n}"), n + 1
           os.replace(src, dest)
           report(f"Training moved the unreadable checkpoint of step {step} to {dest} (so that it can write "
                  f"step {step} again; sampling and evaluation never move checkpoints).")
@@ -180,8 +280,20 @@ class Checkpointer:
     self.manager.reload()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    """Waits for the last save and closes (once); after a failed save (already raised) it never raises."""
+    if getattr(self, "_closed", False):
+      return
+    self._closed = True
+    if self.failed is None:
+      try:
+        self.wait()
+      finally:
+        self.manager.close()
+      return
+    try:
+      self.manager.close()
+    except Exception:  # noqa: BLE001  (the failure was reported once already)
+      log.debug("closing after a failed save", exc_info=True)
 
 
 def check_finite_state(state) -> None:

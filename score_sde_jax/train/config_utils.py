@@ -17,7 +17,8 @@ import difflib
 import importlib.util
 import json
 import os
-from typing import Any, Dict, List, Tuple
+import re
+from typing import Any, Dict, List, Optional, Tuple
 
 import ml_collections
 
@@ -26,23 +27,27 @@ from score_sde_jax import config_defaults
 CONFIG_FILE = "config.json"
 
 
-def load_config_file(path: str) -> ml_collections.ConfigDict:
-  """`get_config()` of a config file (what `--config path.py` loads, without absl flags)."""
+def load_config_file(path: str, config_string: Optional[str] = None) -> ml_collections.ConfigDict:
+  """`get_config()` (or `get_config(config_string)`) of a config file: what `--config path.py[:arg]`
+  loads, without absl flags.  Any file name works (it is read as Python source)."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f"config file {path!r} does not exist")
-  spec = importlib.util.spec_from_file_location(
-      "score_sde_config_" + os.path.splitext(os.path.basename(path))[0], path)
+  import importlib.machinery
+  name = "score_sde_config_" + re.sub(r"\W", "_", os.path.splitext(os.path.basename(path))[0])
+  loader = importlib.machinery.SourceFileLoader(name, path)
+  spec = importlib.util.spec_from_loader(name, loader)
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  loader.exec_module(module)
   if not hasattr(module, "get_config"):
     raise ValueError(f"config file {path!r} defines no get_config()")
-  return module.get_config()
+  return module.get_config(*([config_string] if config_string is not None else []))
 
 # Fields that may change between a run and its resumption: they do not change the model, the data or
 # the optimisation trajectory of the steps already taken.
 RESUMABLE_FIELDS = ("training.n_iters", "training.snapshot_freq", "training.log_freq",
                     "training.eval_freq", "training.snapshot_freq_for_preemption",
-                    "training.snapshot_sampling", "training.n_jitted_steps", "data.tfds_data_dir")
+                    "training.snapshot_sampling", "training.snapshot_weights", "training.n_jitted_steps",
+                    "data.tfds_data_dir")
 RESUMABLE_SECTIONS = ("sampling.", "eval.")
 # Sections whose extra keys are model- or dataset-specific (e.g. NCSN++ `ch_mult`): an unknown key
 # there is an error only when it looks like a typo of a known one.
@@ -154,6 +159,18 @@ def validate_config(config, num_devices: int = 1) -> List[str]:
       v = t.get(name, 1)
       if isinstance(v, int) and v > 0 and v % n_jit:
         errors.append(f"training.{name}={v} must be a multiple of training.n_jitted_steps={n_jit}")
+  sw = t.get("snapshot_weights", "ema")
+  if isinstance(sw, str) and sw not in ("ema", "raw"):
+    errors.append(f"training.snapshot_weights={sw!r}; allowed values: 'ema', 'raw'")
+  ds = config.get("data", {}).get("dataset", None)
+  if isinstance(ds, str):
+    from score_sde_jax.datasets.images import IMAGE_DATASETS
+    toy = tuple(getattr(config_defaults, "TOY_DATASETS", ()))
+    if ds not in toy and ds not in IMAGE_DATASETS:
+      close = difflib.get_close_matches(ds, list(IMAGE_DATASETS) + list(toy), n=1, cutoff=0.6)
+      hint = f"; did you mean {close[0]!r}?" if close else ""
+      errors.append(f"data.dataset={ds!r} is not a known dataset{hint} (images: "
+                    f"{', '.join(IMAGE_DATASETS)}; toy: {', '.join(toy)})")
   m = config.get("model", {})
   er = m.get("ema_rate", 0.999)
   if isinstance(er, (int, float)) and not 0.0 <= er < 1.0:
@@ -182,7 +199,7 @@ def _build_errors(config) -> List[str]:
   def attempt(section, fn):
     try:
       return fn()
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError, ArithmeticError) as e:
       msg = str(e).strip("'\"").splitlines()[0] if str(e) else type(e).__name__
       errors.append(f"{section}: {msg}")
       return None

@@ -12,12 +12,21 @@ the run naming its step, before anything is saved, so the last good checkpoint s
 to TensorBoard and the progress bar.
 
 Checkpoints: every `snapshot_freq_for_preemption` steps (rolling, keep 1), every `snapshot_freq` steps
-(kept; also a PNG of samples from the EMA parameters and the test-split loss), at the end, and on
+(kept; also a PNG of samples from the EMA parameters — `training.snapshot_weights='raw'`: the training
+weights; one line when the EMA is still young — and the test-split loss), at the end, and on
 SIGTERM/SIGINT (saved after the current step, then the run exits).
+
+Reliability: nothing is written before every check passed (config, workdir, resume guard, data); then the
+workdir is locked (`train/lock.py`: one training per workdir) before the Checkpointer is created, and the
+saved config is replaced only once the resume succeeded.  A checkpoint that cannot be written stops the
+run (`checkpoint.CheckpointWriteError`, one line: the caller prints it) with the previous checkpoint
+intact; its detail and orbax's error logs go to `<workdir>/logs/errors.log`, not the console.  A problem
+that recurs (no evaluation data) is said once.
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import signal
@@ -60,6 +69,7 @@ class TrainResult:
   skipped_checkpoints: List = dataclasses.field(default_factory=list)
   history: List[Dict[str, float]] = dataclasses.field(default_factory=list)  # per-step metrics
   last_samples: Any = None      # samples of the last snapshot (data space, numpy), process 0
+  lock: Any = None              # the workdir's lock, still held (train(..., keep_lock=True) only)
 
 
 def is_toy(config) -> bool:
@@ -84,12 +94,30 @@ def open_train_iterator(config, batch_size: int):
   """This host's training iterator (its 1/process_count share of every global batch of `batch_size`),
   with a clear error when the data is missing."""
   ds = _datasets()
+  # tfds warns about every folder it probes ("Variant folder ... has no dataset_info.json"): when the data
+  # is missing, the DataError below says what to do, in one line.
+  quiet = _DropBelowError("tensorflow_datasets")
+  absl_logger = logging.getLogger("absl")
+  absl_logger.addFilter(quiet)
   try:
     return ds.get_train_iterator(config, batch_size=batch_size, seed=int(config.seed),
                                  process_index=jax.process_index(), process_count=jax.process_count())
   except (FileNotFoundError, OSError, ImportError, ValueError, RuntimeError) as e:
     raise DataError(f"Cannot open the training data for data.dataset={config.data.dataset!r}: "
                     f"{type(e).__name__}: {e}") from e
+  finally:
+    absl_logger.removeFilter(quiet)
+
+
+class _DropBelowError(logging.Filter):
+  """Drops the WARNING/INFO records logged from modules whose path contains `where`."""
+
+  def __init__(self, where: str):
+    super().__init__()
+    self.where = where
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR or self.where not in record.pathname
 
 
 def open_eval_iterator(config, batch_size: int, split: str = "test"):
@@ -140,12 +168,17 @@ def _stack_batches(batches):
 def train(config, workdir: str, *, devices: Optional[Sequence] = None, force_resume: bool = False,
           progress: bool = True, report: Callable[[str], None] = None, async_checkpoint: bool = True,
           handle_signals: bool = True, keep_history: bool = False,
-          on_step: Optional[Callable[[int], None]] = None) -> TrainResult:
+          on_step: Optional[Callable[[int], None]] = None, keep_lock: bool = False) -> TrainResult:
   """Trains (or resumes) the run of `config` in `workdir`; see the module docstring.
 
   devices: the devices of the 1-D data-parallel mesh (default: all).  force_resume: continue a workdir
-  whose saved config differs.  keep_history: keep every step's metrics in the result (tests).
-  on_step(step): called after each dispatched step (tests use it to inject faults).
+  whose saved config differs (only where its checkpoints fit this config's train state).
+  keep_history: keep every step's metrics in the result (tests).  on_step(step): called after each
+  dispatched step (tests use it to inject faults).  keep_lock: keep the workdir's lock after returning
+  (until the process ends: scripts/train.py, which writes the toy report afterwards).
+
+  Nothing is written before every check has passed (the config, the workdir, the resume guard, the data,
+  the workdir's lock: `train/lock.py`); the saved config is replaced only once the resume succeeded.
   """
   process0 = jax.process_index() == 0
   if report is None:
@@ -154,7 +187,7 @@ def train(config, workdir: str, *, devices: Optional[Sequence] = None, force_res
   mesh = parallel.make_mesh(devices)
   n_dev = mesh.devices.size
 
-  # ---- checks before any compilation --------------------------------------------------------------
+  # ---- checks before any compilation (nothing is written) -----------------------------------------
   for w in config_utils.validate_config(config, n_dev):
     report(f"config note: {w}")
   t_cfg = config.training
@@ -162,25 +195,95 @@ def train(config, workdir: str, *, devices: Optional[Sequence] = None, force_res
   n_jit = max(1, int(t_cfg.get("n_jitted_steps", 1)))
   global_batch = int(t_cfg.batch_size)
   host_batch = parallel.local_batch_size(global_batch, mesh)
-  os.makedirs(workdir, exist_ok=True)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise config_utils.ConfigError(f"--workdir {workdir} exists and is not a directory: pass a directory "
+                                   f"(it is created when missing).")
   ckpt_dir = ckpt_lib.checkpoint_dir(workdir)
+  if os.path.exists(ckpt_dir) and not os.path.isdir(ckpt_dir):
+    raise config_utils.ConfigError(f"{ckpt_dir} is not a directory: {workdir} is not a training workdir; "
+                                   f"use another --workdir.")
   has_checkpoints = os.path.isdir(ckpt_dir) and any(n.isdigit() for n in os.listdir(ckpt_dir))
   # A workdir without checkpoints has nothing to protect: its config is simply replaced.
   diffs = (config_utils.check_resume_config(workdir, config, force=force_resume)
            if has_checkpoints else [])
   for k, a, b in diffs:
     report(f"WARNING (--force_resume): {k} changed from {a!r} to {b!r}")
-  if diffs and process0:   # keep the config the earlier steps were trained with
-    old = os.path.join(workdir, config_utils.CONFIG_FILE)
-    os.replace(old, os.path.join(workdir, f"config.superseded.{int(time.time())}.json"))
+  if diffs:
+    problem = _state_mismatch(workdir, config, mesh)
+    if problem:
+      raise config_utils.ConfigError(
+          f"--force_resume cannot continue {workdir}: its checkpoints hold another train state than this "
+          f"config builds ({problem}; changed: {', '.join(k for k, _, _ in diffs[:8])}). Nothing was "
+          f"written. Train this config in a new --workdir.")
   train_iter = open_train_iterator(config, global_batch)
   scaler, inverse_scaler = get_scalers(config)
-  if process0:
-    config_utils.save_config(workdir, config)
 
+  # ---- from here on the workdir is written: one training at a time (train/lock.py) ---------------------
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise config_utils.ConfigError(f"cannot create --workdir {workdir}: {e.strerror or e}. Pass a "
+                                   f"directory you can write to.") from e
+  from score_sde_jax.train import lock as lock_lib
+  lock = lock_lib.acquire_for_run(workdir)
   log_dir = os.path.join(workdir, "logs")
+  error_log = metric_writer.ErrorLog(log_dir, enabled=process0)
+  diverts = [(logging.getLogger("absl"), metric_writer.DivertToErrorLog(
+                  error_log, lambda r: r.levelno >= logging.ERROR and "orbax" in r.pathname)),
+             (logging.getLogger("asyncio"), metric_writer.DivertToErrorLog(
+                  error_log, lambda r: r.levelno >= logging.ERROR and any(
+                      h in (r.getMessage() + repr(r.exc_info)) for h in ("tensorstore", "orbax"))))]
+  for logger, f in diverts:
+    logger.addFilter(f)
+  ok = False
+  try:
+    result = _train_locked(
+        config=config, workdir=workdir, force_resume=force_resume, progress=progress, report=report,
+        async_checkpoint=async_checkpoint, handle_signals=handle_signals, keep_history=keep_history,
+        on_step=on_step, process0=process0, mesh=mesh, n_dev=n_dev, t_cfg=t_cfg, n_iters=n_iters,
+        n_jit=n_jit, global_batch=global_batch, host_batch=host_batch, ckpt_dir=ckpt_dir, diffs=diffs,
+        train_iter=train_iter, scaler=scaler, inverse_scaler=inverse_scaler, log_dir=log_dir)
+    ok = True
+    if keep_lock:
+      result.lock = lock
+    return result
+  except (ckpt_lib.CheckpointWriteError, OSError) as e:
+    # One line on the console (by the caller); the traceback and the library logs go to errors.log.
+    error_log.write(f"training in {workdir} stopped: {e}", exc=e)
+    e.details = error_log.where()
+    raise
+  finally:
+    for logger, f in diverts:
+      logger.removeFilter(f)
+    if not (keep_lock and ok):
+      lock.release()
+
+
+def _state_mismatch(workdir: str, config, mesh) -> Optional[str]:
+  """How the train state of `config` differs from the one the workdir's saved config builds (the first
+  differing leaf), or None when they match or the saved config cannot be built (the restore decides)."""
+  from score_sde_jax.train import restore as restore_lib
+  try:
+    old = restore_lib.abstract_train_state(restore_lib.load_workdir_config(workdir), mesh)
+  except Exception:  # noqa: BLE001
+    return None
+  new = restore_lib.abstract_train_state(config, mesh)
+  a = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(old)[0]}
+  b = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(new)[0]}
+  for k in sorted(set(a) | set(b)):
+    if k not in a or k not in b:
+      return f"{k} is {'new' if k not in a else 'gone'}"
+    if a[k].shape != b[k].shape or a[k].dtype != b[k].dtype:
+      return f"{k} was {a[k].dtype}{list(a[k].shape)}, is now {b[k].dtype}{list(b[k].shape)}"
+  return None
+
+
+def _train_locked(*, config, workdir, force_resume, progress, report, async_checkpoint, handle_signals,
+                  keep_history, on_step, process0, mesh, n_dev, t_cfg, n_iters, n_jit, global_batch,
+                  host_batch, ckpt_dir, diffs, train_iter, scaler, inverse_scaler, log_dir):
+  """The part of `train` that runs with the workdir locked."""
+  del force_resume
   sample_dir = os.path.join(workdir, "samples")
-  writer = metric_writer.MetricWriter(log_dir, enabled=process0)
 
   # ---- model, state, compiled functions -----------------------------------------------------------
   from score_sde_jax import models as models_lib
@@ -211,6 +314,19 @@ def train(config, workdir: str, *, devices: Optional[Sequence] = None, force_res
   checkpointer = ckpt_lib.Checkpointer(workdir, snapshot_freq=snapshot_freq, async_save=async_checkpoint)
   # The one restore (train/restore.py): onto this run's mesh, whatever topology wrote the checkpoint.
   from score_sde_jax.train import restore as restore_lib
+  try:
+    return _restore_and_run(**locals())
+  finally:
+    checkpointer.close()
+
+
+def _restore_and_run(*, config, workdir, progress, report, async_checkpoint, handle_signals, keep_history,
+                     on_step, process0, mesh, n_dev, t_cfg, n_iters, n_jit, global_batch, host_batch,
+                     ckpt_dir, diffs, train_iter, scaler, inverse_scaler, log_dir, sample_dir, models_lib,
+                     sampling_lib, sde, model, tx, lr_fn, first, data_shape, rep, bsh, bsh_multi, init_key,
+                     create, abstract, snapshot_freq, preempt_freq, checkpointer, restore_lib):
+  """Restore (or initialise), then the loop; `checkpointer` is closed by the caller."""
+  del async_checkpoint
   restored = restore_lib.restore_checkpoint(checkpointer, abstract, mesh=mesh, report=report)
   resumed_from = None
   if restored is not None:
@@ -237,6 +353,15 @@ def train(config, workdir: str, *, devices: Optional[Sequence] = None, force_res
     state = create(init_key)
     # `first` is the batch of step 1; a run restored from a step-0 checkpoint refetches it.
   start_step = int(parallel.to_host(state.step))
+
+  # The resume succeeded: now the workdir's config is replaced (the one the earlier steps were trained
+  # with is kept as config.superseded.<time>.json).
+  if diffs and process0:
+    old = os.path.join(workdir, config_utils.CONFIG_FILE)
+    os.replace(old, os.path.join(workdir, f"config.superseded.{int(time.time())}.json"))
+  if process0:
+    config_utils.save_config(workdir, config)
+  writer = metric_writer.MetricWriter(log_dir, enabled=process0)
 
   train_step = step_lib.make_train_step(config, sde, model, tx, lr_fn, scaler=scaler)
   # Donating the old state halves its memory on accelerators (orbax copies a state to host memory
@@ -319,6 +444,8 @@ def train(config, workdir: str, *, devices: Optional[Sequence] = None, force_res
       out["samples"] = snapshot_samples(step)
     return out
 
+  snap_weights = str(t_cfg.get("snapshot_weights", "ema"))
+
   def snapshot_samples(step: int):
     if "sample" not in snap_fns:
       n = int(config.sampling.get("num_samples", 64))
@@ -334,7 +461,14 @@ def train(config, workdir: str, *, devices: Optional[Sequence] = None, force_res
       out_sh = bsh if n % n_dev == 0 else rep
       snap_fns["sample"] = jax.jit(draw, in_shardings=(rep, rep), out_shardings=(out_sh, rep))
     key = jax.random.fold_in(jax.random.PRNGKey(int(config.seed) + 1), step)
-    x, nfe = snap_fns["sample"](state.ema_params, jax.device_put(key, rep))
+    if snap_weights == "ema" and "young_ema_said" not in snap_fns:
+      note = state_lib.young_ema_note(step, float(config.model.ema_rate), raw_hint=(
+          "training.snapshot_weights='raw'"))
+      if note:
+        snap_fns["young_ema_said"] = True
+        say(f"step {step}: {note}")
+    params = state.ema_params if snap_weights == "ema" else state.params
+    x, nfe = snap_fns["sample"](params, jax.device_put(key, rep))
     x = parallel.to_host(x)
     if process0:
       from score_sde_jax import plotting
@@ -342,7 +476,8 @@ def train(config, workdir: str, *, devices: Optional[Sequence] = None, force_res
         ref = snap_fns.get("eval_data")
         path = os.path.join(sample_dir, f"samples_{step:08d}.png")
         plotting.save_toy_samples(x, ref if ref is not None else x, path,
-                                  title=f"step {step}: EMA samples ({config.sampling.method})")
+                                  title=f"step {step}: {snap_weights.upper() if snap_weights == 'ema' else 'raw'} "
+                                        f"samples ({config.sampling.method})")
         sfn = score_field_fn()
         plotting.save_score_field(sfn, ref if ref is not None else x,
                                   os.path.join(sample_dir, f"score_field_{step:08d}.png"))
@@ -358,15 +493,19 @@ def train(config, workdir: str, *, devices: Optional[Sequence] = None, force_res
         return models_lib.get_score_fn(sde, model, params, continuous=bool(t_cfg.continuous),
                                        train=False)(x, t)
       snap_fns["score"] = jax.jit(sf)
-    params = state.ema_params
+    params = state.ema_params if snap_weights == "ema" else state.params
     return lambda x, t: np.asarray(snap_fns["score"](params, scaler(jnp.asarray(x)), jnp.asarray(t)))
 
   def eval_loss(step: int) -> Optional[float]:
+    if "no_eval_data" in snap_fns:     # said once; retrying cannot succeed
+      return None
     ebs = int(config.eval.batch_size)
     try:
       it = open_eval_iterator(config, ebs)
     except Exception as e:  # noqa: BLE001
-      say(f"step {step}: no evaluation data ({type(e).__name__}: {e}); eval loss skipped")
+      snap_fns["no_eval_data"] = True
+      say(f"step {step}: no evaluation data ({type(e).__name__}: {str(e).splitlines()[0][:300]}); the eval "
+          f"loss is skipped for the rest of this run.")
       return None
     if "eval" not in snap_fns:
       snap_fns["eval"] = jax.jit(step_lib.make_eval_step(config, sde, model, scaler=scaler),

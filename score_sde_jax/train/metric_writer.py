@@ -8,11 +8,15 @@ as it would TensorFlow's.  When clu's writer is importable (TensorFlow installed
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import struct
 import time
-from typing import Dict, Optional
+import traceback
+from typing import Callable, Dict, Optional
+
+ERRORS_LOG = "errors.log"
 
 _CRC_TABLE = []
 for _i in range(256):
@@ -105,6 +109,64 @@ class MetricWriter:
       self._f.close()
       self._jsonl.close()
       self.enabled = False
+
+
+class ErrorLog:
+  """The full detail (tracebacks, library logs) of problems a run reports on the console in one line:
+  `<logdir>/errors.log`, created at the first entry (a run without problems has none).  Best effort: on
+  a full disk the log itself may not be writable; `write` then returns False and the one-line report
+  says so."""
+
+  def __init__(self, logdir: str, enabled: bool = True):
+    self.path = os.path.join(logdir, ERRORS_LOG)
+    self.enabled = enabled
+    self.written = False
+
+  def write(self, title: str, exc: Optional[BaseException] = None, text: str = "") -> bool:
+    if not self.enabled:
+      return False
+    parts = [f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()} on {socket.gethostname()}: "
+             f"{title}"]
+    if text:
+      parts.append(text.rstrip())
+    if exc is not None:
+      parts.append("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip())
+    try:
+      os.makedirs(os.path.dirname(self.path), exist_ok=True)
+      with open(self.path, "a") as f:
+        f.write("\n".join(parts) + "\n")
+      self.written = True
+      return True
+    except OSError:
+      return False
+
+  def where(self) -> str:
+    """' Details: <path>.' or a note that they could not be written (for the end of a one-line report)."""
+    return (f" Details: {self.path}." if self.written else
+            f" (The details could not be written to {self.path} either.)" if self.enabled else "")
+
+
+class DivertToErrorLog(logging.Filter):
+  """A logger filter that moves the records `select` picks (e.g. orbax's ERROR records, each with a
+  traceback, one per array of a failed save) from the console to an ErrorLog: the run reports the
+  problem once, in one line, itself."""
+
+  def __init__(self, error_log: ErrorLog, select: Callable[[logging.LogRecord], bool]):
+    super().__init__()
+    self.error_log, self.select = error_log, select
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    try:
+      if not self.select(record):
+        return True
+      text = record.getMessage()
+      if record.exc_info:
+        text += "\n" + "".join(traceback.format_exception(*record.exc_info))
+      self.error_log.write(f"{record.name} {record.levelname} ({record.pathname}:{record.lineno})",
+                           text=text)
+      return False
+    except Exception:  # noqa: BLE001  (a log filter must never raise)
+      return True
 
 
 def read_scalars(path: str):

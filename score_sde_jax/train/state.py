@@ -7,7 +7,7 @@ when the model computes in bfloat16 (`model.dtype`): mixed precision lives insid
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import flax
 import jax
@@ -95,3 +95,28 @@ def create_train_state(config, model, key, input_shape, tx=None) -> TrainState:
 def ema_update(ema, params, rate: float):
   """ema ← rate · ema + (1 − rate) · params (leaf-wise)."""
   return jax.tree_util.tree_map(lambda e, p: rate * e + (1.0 - rate) * p, ema, params)
+
+
+# An EMA at rate r averages over about 1/(1 - r) steps and starts from the initial weights: before a few
+# such horizons it is still mostly the initialisation, and its samples look like noise.
+YOUNG_EMA_HORIZONS = 3
+
+
+def young_ema_note(step, ema_rate: float, raw_hint: str = "--weights raw") -> Optional[str]:
+  """One line when the EMA weights of a checkpoint at `step` are still close to their initial values
+  (step < 3 / (1 - ema_rate)), else None.  `raw_hint`: how to take the raw weights instead."""
+  try:
+    step, ema_rate = int(step), float(ema_rate)
+  except (TypeError, ValueError):
+    return None
+  if not 0.0 < ema_rate < 1.0 or step < 0:
+    return None
+  horizon = 1.0 / (1.0 - ema_rate)
+  needed = int(round(YOUNG_EMA_HORIZONS * horizon))
+  if step >= needed:
+    return None
+  left = ema_rate ** step
+  return (f"WARNING: the EMA weights (model.ema_rate={ema_rate:g}, an average over ~{horizon:.0f} steps) "
+          f"of step {step} are still {100 * left:.0f}% the initial weights, so their samples look like "
+          f"noise until about step {needed}; take the raw training weights ({raw_hint}) to see what the "
+          f"model has learned so far.")
