@@ -72,13 +72,8 @@ def main(fv):
   global FLAGS
   FLAGS = fv
   from score_sde_jax import evaluation
-  from score_sde_jax.train import cli, parallel
-  try:
-    parallel.initialize_distributed(True if FLAGS.multihost else None)
-  except parallel.DistributedError as e:
-    cli.print_error(e, e, FLAGS.verbose)
-    return cli.EXIT_USER_ERROR
-  parallel.run_main(cli.guarded(_main, verbose=FLAGS.verbose, user_errors=(evaluation.EvalError, ValueError)))
+  from score_sde_jax.train import cli
+  return cli.start_and_run(FLAGS, _main, user_errors=(evaluation.EvalError, ValueError))
 
 
 def run(argv=None) -> int:

@@ -43,14 +43,9 @@ def define_flags(fv):
 def main(fv):
   global FLAGS
   FLAGS = fv
-  from score_sde_jax.train import cli, parallel
-  try:
-    parallel.initialize_distributed(True if FLAGS.multihost else None)
-  except parallel.DistributedError as e:
-    cli.print_error(e, e, FLAGS.verbose)
-    return cli.EXIT_USER_ERROR
+  from score_sde_jax.train import cli
   # A SIGTERM/SIGINT stop (128+signal) is agreed by all hosts after a common checkpoint: a clean exit.
-  parallel.run_main(cli.guarded(_main, verbose=FLAGS.verbose), clean_exit_codes=range(128, 160))
+  return cli.start_and_run(FLAGS, _main, clean_exit_codes=range(128, 160))
 
 
 def _main():

@@ -259,6 +259,22 @@ def guarded(fn: Callable[[], Optional[int]], *, verbose: bool,
   return wrapped
 
 
+def start_and_run(fv, fn: Callable[[], Optional[int]], *, user_errors: Tuple[Type[BaseException], ...] = (),
+                  clean_exit_codes=()) -> Optional[int]:
+  """What train.py, sample.py and evaluate.py do once their flags are parsed: the shared multi-host
+  start-up (`--multihost` / SCORE_SDE_DISTRIBUTED=1; a bad setting is one `ERROR:` line and exit 2), then
+  `fn` guarded (`guarded`) under `parallel.run_main`."""
+  from score_sde_jax.train import parallel
+  try:
+    parallel.initialize_distributed(True if fv.multihost else None)
+  except parallel.DistributedError as e:
+    print_error(e, e, fv.verbose)
+    return EXIT_USER_ERROR
+  parallel.run_main(guarded(fn, verbose=fv.verbose, user_errors=user_errors),
+                    clean_exit_codes=clean_exit_codes)
+  return None
+
+
 def argument_parser(**kwargs):
   """An `argparse.ArgumentParser` whose errors (a missing or bad option) are one `ERROR:` line with exit
   status 2 (argparse prints the usage and the error on several lines), with a --verbose flag."""
