@@ -179,8 +179,13 @@ def test_bad_inputs_are_clear_errors_and_modify_nothing(tmp_path):
   cases = []
 
   unknown = tmp_path / "weights.bin"
-  unknown.write_bytes(np.random.default_rng().bytes(256) + b"\x00")
+  # Random bytes after a first byte that is no msgpack map marker (a map-marker first byte, 18 of 256
+  # values, is read as msgpack and reported as corrupt msgpack: the case below).
+  unknown.write_bytes(b"\x00" + np.random.default_rng().bytes(256))
   cases.append((unknown, config, "ema", r"unknown checkpoint format"))
+  looks_msgpack = tmp_path / "weights2.bin"
+  looks_msgpack.write_bytes(b"\x8f" + np.random.default_rng().bytes(256))
+  cases.append((looks_msgpack, config, "ema", r"corrupt msgpack|not an official|must hold a map"))
   text = tmp_path / "notes.txt"
   text.write_text("not a checkpoint\n")
   cases.append((text, config, "ema", r"unknown checkpoint format"))
