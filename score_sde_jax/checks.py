@@ -93,3 +93,22 @@ def check_score_fn(score_fn, shape) -> None:
   x = jax.ShapeDtypeStruct(tuple(shape), jnp.float32)
   t = jax.ShapeDtypeStruct(tuple(shape)[:1], jnp.float32)
   check_score_output(jax.eval_shape(score_fn, x, t), x)
+
+
+def check_finite_data(param: str, x) -> None:
+  """A concrete array holding NaN/Inf is refused (an adaptive solver would otherwise shrink its step to
+  the step limit and fail with a message about the solver).  Traced arrays are not checked: their values
+  are unknown while tracing."""
+  import jax
+  import numpy as np
+  if isinstance(x, jax.core.Tracer):
+    return
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return   # a global array of several hosts: each host checks what it passes in
+  a = np.asarray(x)
+  if np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.complexfloating):
+    bad = a.size - int(np.count_nonzero(np.isfinite(a)))
+    if bad:
+      first = tuple(int(i) for i in np.argwhere(~np.isfinite(a))[0])
+      raise ValueError(f"{param} holds {bad} NaN/Inf value(s) of {a.size} (first at index {first}); "
+                       f"the likelihood needs finite data. Check the data pipeline or drop those examples.")

@@ -55,7 +55,7 @@ import json
 import math
 import os
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -173,15 +173,6 @@ class EvalSettings:
   bound_num_t: int
   max_examples: Optional[int]
 
-  def tag(self) -> str:
-    """Settings that change the numbers; the results file is named by their hash.  The repeat count is
-    left out: repeat r's noise depends only on (seed, r, batch), so raising `num_repeats` extends the
-    file of the earlier run instead of starting over."""
-    settings = dataclasses.asdict(self)
-    del settings["num_repeats"]
-    blob = json.dumps(settings, sort_keys=True)
-    return hashlib.sha1(blob.encode()).hexdigest()[:10]
-
 
 def settings_from_config(config, *, batch_size: Optional[int] = None, max_examples: Optional[int] = None,
                          seed: Optional[int] = None, num_devices: int = 1, bound: bool = True,
@@ -252,20 +243,64 @@ def select_checkpoints(config, workdir: str, which="latest") -> List[int]:
   return wanted
 
 
-def _restore_ema(config, workdir: str, step: int):
-  from score_sde_jax.train import config_utils, restore
+def read_step(config, workdir: str, step: int, weights: str = "ema"):
+  """`checkpoints.Pretrained` of checkpoint `step` of a training workdir, read-only, with the checks every
+  loading path makes (the config's model shapes, finite weights naming the first bad parameter).  A
+  failure names the step and the config fields that differ from the workdir's saved config."""
+  from score_sde_jax import checkpoints
+  from score_sde_jax.train import config_utils
   try:
-    _, state = restore.restore_state(config, workdir, step, report=lambda *_: None)
-  except Exception as e:  # noqa: BLE001
+    return checkpoints.read_pretrained(workdir, config, weights=weights, step=step)
+  except checkpoints.CheckpointError as e:
     saved = config_utils.load_saved_config(workdir)
     diffs = [k for k, _, _ in config_utils.config_differences(saved, config)] if saved else []
     hint = (f" The config differs from the one the workdir was trained with "
             f"({os.path.join(workdir, config_utils.CONFIG_FILE)}) in: {', '.join(diffs[:12])}."
             if diffs else "")
-    raise EvalError(f"cannot restore checkpoint step {step} from "
-                    f"{os.path.join(os.path.abspath(workdir), 'checkpoints', str(step))}: "
-                    f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}.{hint}") from e
-  return state.ema_params
+    raise EvalError(f"checkpoint step {step}: {str(e).splitlines()[0]}{hint}") from None
+
+
+# Data fields that do not change the numbers of an evaluation (where the files are, training augmentation).
+_DATA_FIELDS_NOT_IN_RESULTS = ("tfds_data_dir", "random_flip", "uniform_dequantization")
+
+
+def results_identity(config, settings: "EvalSettings", fingerprint: str, weights: str) -> dict:
+  """Everything that determines an evaluation's numbers: the weights (content fingerprint and which set),
+  the model and SDE config, the data config and the settings.  The repeat count is left out: repeat r's
+  noise depends only on (seed, r, batch), so raising `num_repeats` extends the earlier run's file.  The results file is named by its hash, and its header records it, so results of a
+  retrained run, another model or another SDE in the same workdir are never served as these."""
+  settings = dataclasses.asdict(settings)
+  del settings["num_repeats"]
+  return {"weights": {"fingerprint": fingerprint, "set": weights},
+          "model": config.model.to_dict(),
+          "sde": {"sde": str(config.training.sde), "continuous": bool(config.training.continuous)},
+          "data": {k: v for k, v in config.data.to_dict().items() if k not in _DATA_FIELDS_NOT_IN_RESULTS},
+          "settings": settings}
+
+
+def identity_hash(identity: dict) -> str:
+  return hashlib.sha1(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _other_results(out_dir: str, prefix: str, mine: str, identity: dict) -> List[Tuple[str, List[str]]]:
+  """Earlier results files of the same step and split (`prefix*`) with another identity, each with the
+  parts of the identity that differ ('weights', 'model', 'sde', 'data', 'settings')."""
+  found = []
+  if not os.path.isdir(out_dir):
+    return found
+  for name in sorted(os.listdir(out_dir)):
+    if not (name.startswith(prefix) and name.endswith(".jsonl")) or name == mine:
+      continue
+    try:
+      with open(os.path.join(out_dir, name)) as f:
+        header = json.loads(f.readline())
+    except (OSError, ValueError):
+      continue
+    old = header.get("identity")
+    parts = [k for k in identity if not isinstance(old, dict) or old.get(k) != identity[k]]
+    if parts:
+      found.append((os.path.join(out_dir, name), parts))
+  return found
 
 
 class ResultsFile:
@@ -392,15 +427,19 @@ def evaluate_likelihood(config, workdir: str, *, checkpoints="latest", devices: 
                         seed: Optional[int] = None, bound: bool = True, bound_num_t: int = 16,
                         stop_after: Optional[int] = None, progress: bool = False,
                         report: Optional[Callable[[str], None]] = None, params=None,
-                        pretrained=None) -> List[dict]:
-  """Bits/dim (images) or NLL (toy) of the EMA parameters of the chosen checkpoints; see the module
-  docstring.  Returns one summary dict per checkpoint (also written to `<workdir>/eval/*.summary.json`).
+                        pretrained=None, weights: str = "ema") -> List[dict]:
+  """Bits/dim (images) or NLL (toy) of the `weights` ('ema' or 'raw') of the chosen checkpoints; see the
+  module docstring.  Returns one summary dict per checkpoint (also written to `<workdir>/eval/*.summary.json`).
 
   max_examples: evaluate only the first n examples of the split.  stop_after: stop after computing
   that many new (repeat, batch) entries (simulates an interruption; the summary is then None).
   params: evaluate these parameters instead of a checkpoint (checkpoints is then ignored; step -1).
   pretrained: a `checkpoints.Pretrained` (any checkpoint format) to evaluate instead of the workdir's
-  checkpoints; results still go to `<workdir>/eval/`, in a file named by the weights' fingerprint.
+  checkpoints; results still go to `<workdir>/eval/`.
+
+  Results files are named by `results_identity` (weights fingerprint, model, SDE, data, settings): a rerun
+  with the same identity continues its file; anything else is computed afresh, saying which earlier file of
+  the same step differs in what.
   """
   from score_sde_jax import models
   from score_sde_jax.train import config_utils, loop, parallel
@@ -438,16 +477,28 @@ def evaluate_likelihood(config, workdir: str, *, checkpoints="latest", devices: 
   unit = "nats/dim" if toy else "bits/dim"
   results = []
   for step in steps:
-    p = params if params is not None else _restore_ema(config, workdir, step)
+    pre = pretrained
+    if params is None:
+      pre = pretrained if pretrained is not None else read_step(config, workdir, step, weights)
+      p, fingerprint, which_weights = pre.variables, pre.fingerprint, pre.weights
+    else:
+      from score_sde_jax import checkpoints as ckpts
+      p, fingerprint, which_weights = params, ckpts.fingerprint(params), "given"
     p = parallel.replicate(p, mesh)
-    label = f"step{step}" if pretrained is None else f"{pretrained.format}_step{step}_{pretrained.fingerprint}"
-    name = f"{'nll' if toy else 'bpd'}_{label}_{s.split}_{s.tag()}"
+    identity = results_identity(config, s, fingerprint, which_weights)
+    kind = "nll" if toy else "bpd"
+    label = f"step{step}" if pre is None or pre.format == "workdir" else f"{pre.format}_step{step}"
+    prefix = f"{kind}_{label}_{s.split}_"
+    name = prefix + identity_hash(identity)
     out_dir = os.path.join(os.path.abspath(workdir), "eval")
-    header = {"step": step, "settings": dataclasses.asdict(s), "dataset": str(config.data.dataset),
-              "num_examples": num_examples, "unit": unit}
-    if pretrained is not None:
-      header.update(checkpoint=pretrained.path, format=pretrained.format, weights=pretrained.weights,
-                    fingerprint=pretrained.fingerprint)
+    header = {"step": step, "identity": identity, "settings": dataclasses.asdict(s),
+              "dataset": str(config.data.dataset), "num_examples": num_examples, "unit": unit}
+    if pre is not None:
+      header.update(checkpoint=pre.path, format=pre.format, weights=pre.weights, fingerprint=fingerprint)
+    if process0:
+      for path, parts in _other_results(out_dir, prefix, name + ".jsonl", identity):
+        report(f"step {step}: the results in {path} were computed with other {', '.join(parts)} "
+               f"(their file records what); computing these afresh")
     rf = ResultsFile(os.path.join(out_dir, name + ".jsonl"), header) if process0 else None
     done = set(rf.entries) if rf is not None else set()
     if jax.process_count() > 1:

@@ -70,6 +70,7 @@ def _check_common(sde, score_fn, x, eps, solver, rtol, atol, num_steps, controll
   ode_lib.check_controller(controller)
   ode_lib.check_step_control(step_control, solver)
   checks.check_score_fn(score_fn, shape)
+  checks.check_finite_data("x", x)
   return shape
 
 
@@ -141,7 +142,17 @@ def _elementwise_log_abs_derivative(scaler, u):
 
 
 def _check_integer_data(x, num_bits, dequantization):
+  """Integer data in {0, …, 2^b − 1} for 'uniform'; finite data in [0, 2^b) for 'none' (concrete arrays;
+  a traced array is checked for its dtype only)."""
   if dequantization == "none":
+    if isinstance(x, jax.core.Tracer):
+      return
+    checks.check_finite_data("x", x)
+    arr = np.asarray(x)
+    if arr.size and (arr.min() < 0 or arr.max() >= 2 ** num_bits):
+      raise ValueError(f"with dequantization='none' the data must be dequantized values in [0, "
+                       f"{2 ** num_bits}) for num_bits={num_bits}; got range [{arr.min()}, {arr.max()}]. "
+                       f"Pass the raw integers with dequantization='uniform', or rescale the data.")
     return
   if isinstance(x, jax.core.Tracer):
     if not jnp.issubdtype(x.dtype, jnp.integer):

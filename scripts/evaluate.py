@@ -25,11 +25,12 @@ host runs the same command; README "Sampling and evaluating on a pod"): each hos
 batch, the per-example results are gathered and process 0 alone writes the results and the summary, each
 example counted once.  Per-batch results go to
 `<workdir>/eval/*.jsonl` as they finish; rerunning the same command continues where it stopped; the
-summary is written beside it as `.summary.json`.  Without --config the workdir's saved config is used.
+summary is written beside it as `.summary.json`.  The file is keyed by the weights' fingerprint, the model,
+SDE and data config and the settings: anything else is computed afresh, saying which earlier file differs.  Without --config the workdir's saved config is used.
 
 `--set a.b=value` overrides a field of the config (strict, as in sample.py: an unknown key is an error
 naming the closest one).  When the EMA weights evaluated are still mostly the initialisation (step <
-3/(1 − model.ema_rate)) one line says so (`--weights raw` with --checkpoint).
+3/(1 − model.ema_rate)) one line says so (`--weights raw` evaluates the training weights).
 
 Exit status: 0 done, 2 bad config / flags / missing workdir or checkpoint / unreadable data (one `ERROR:`
 line; `--verbose` adds the traceback), 4 another process of a multi-host run stopped.
@@ -119,41 +120,30 @@ def _main():
   if FLAGS.checkpoint is not None:
     pretrained = checkpoints.read_pretrained(FLAGS.checkpoint, config, weights=FLAGS.weights)
     workdir = workdir or checkpoints.default_output_dir(pretrained)
-    if jax.process_index() == 0:
-      print(f"{pretrained.weights} weights of step {pretrained.step} from {pretrained.path} "
-            f"({pretrained.format}, fingerprint {pretrained.fingerprint})")
-  elif which == "latest":
-    which = _newest_readable(config, workdir, evaluation, restore)
+  elif which == "latest" and _has_checkpoints(workdir):
+    # The newest checkpoint that restores with finite weights (one line for each one skipped, left in place).
+    pretrained = checkpoints.read_pretrained(workdir, config, weights=FLAGS.weights)
+  if pretrained is not None and jax.process_index() == 0:
+    print(f"{pretrained.weights} weights of step {pretrained.step} from {pretrained.path} "
+          f"({pretrained.format}, fingerprint {pretrained.fingerprint})")
   steps = ([pretrained.step] if pretrained is not None else which if isinstance(which, list) else [])
   steps = [s for s in steps if s is not None]
-  if (pretrained is None or pretrained.weights == "ema") and steps and jax.process_index() == 0:
+  if FLAGS.weights == "ema" and steps and jax.process_index() == 0:
     note = state_lib.young_ema_note(min(steps), float(config.model.get("ema_rate", 0.0)),
-                                    raw_hint="--checkpoint <workdir> --weights raw")
+                                    raw_hint="--weights raw")
     if note:
       print(note)
   evaluation.evaluate_likelihood(config, workdir, checkpoints=which, batch_size=FLAGS.batch_size,
                                  max_examples=FLAGS.max_examples, seed=FLAGS.seed, bound=FLAGS.bound,
                                  bound_num_t=FLAGS.bound_num_t, progress=FLAGS.progress,
-                                 pretrained=pretrained)
+                                 pretrained=pretrained, weights=FLAGS.weights)
 
 
-def _newest_readable(config, workdir, evaluation, restore):
-  """'latest' as [the newest checkpoint that restores]: an unreadable newer one is skipped with one line
-  naming it and the reason (and left where it is).  'latest' unchanged when there is no checkpoint (the
-  evaluation then says so)."""
+def _has_checkpoints(workdir) -> bool:
   import os
-  import jax
   from score_sde_jax.train import checkpoint as ckpt_lib
   cdir = ckpt_lib.checkpoint_dir(workdir)
-  if not (os.path.isdir(cdir) and any(n.isdigit() for n in os.listdir(cdir))):
-    return "latest"
-  say = print if jax.process_index() == 0 else (lambda *_: None)
-  try:
-    step, _ = restore.restore_state(config, workdir, report=say)
-  except Exception as e:  # noqa: BLE001
-    raise evaluation.EvalError(f"{cdir}: no checkpoint could be restored for this config: "
-                               f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}") from e
-  return [step]
+  return os.path.isdir(cdir) and any(n.isdigit() for n in os.listdir(cdir))
 
 
 if __name__ == "__main__":

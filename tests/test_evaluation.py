@@ -231,7 +231,7 @@ def test_bad_checkpoint_choice_and_mismatched_model(workdir):
     evaluation.evaluate_likelihood(c, workdir, checkpoints="range", report=lambda *_: None)
   c = tiny_config()
   c.model.nf = 32
-  with pytest.raises(evaluation.EvalError, match="cannot restore checkpoint step 10.*model.nf"):
+  with pytest.raises(evaluation.EvalError, match="checkpoint step 10: .*cannot restore.*differs.* in: model.nf"):
     evaluation.evaluate_likelihood(c, workdir, report=lambda *_: None)
 
 
@@ -257,3 +257,84 @@ def test_script_exit_code_and_message_for_missing_checkpoints(tmp_path):
                      timeout=120, env=env)
   assert r.returncode == 2, r.stderr[-2000:]
   assert "does not exist" in r.stderr and "scripts/train.py" in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------------
+# The results cache: keyed by everything that determines the numbers
+# ---------------------------------------------------------------------------------------------------
+def _eval(c, d, msgs=None):
+  (s,) = evaluation.evaluate_likelihood(c, d, devices=jax.devices()[:1], bound=False, max_examples=8,
+                                        report=(msgs.append if msgs is not None else lambda *_: None))
+  return s
+
+
+def test_results_are_keyed_by_weights_model_sde_and_settings(workdir, tmp_path):
+  """Same weights and config: the earlier file is reused.  Retrained weights at the same step, another SDE,
+  another model config, or other settings: computed afresh, saying which earlier file differs in what."""
+  d = _fresh(workdir, tmp_path, "ident")
+  c = tiny_config()
+  s = _eval(c, d)
+  msgs = []
+  again = _eval(c, d, msgs)
+  assert again["results_file"] == s["results_file"] and any("resuming, 2 of 2" in m for m in msgs), msgs
+  assert again["nll_nats_per_dim"] == s["nll_nats_per_dim"]
+
+  # A run retrained in the same workdir (another seed) has another step-10 checkpoint.
+  other = str(tmp_path / "other")
+  c2 = tiny_config()
+  c2.seed = 2
+  train_lib.train(c2, other, devices=jax.devices()[:1], progress=False, report=lambda *_: None,
+                  async_checkpoint=False, handle_signals=False)
+  import shutil
+  shutil.rmtree(os.path.join(d, "checkpoints"))
+  shutil.copytree(os.path.join(other, "checkpoints"), os.path.join(d, "checkpoints"))
+  msgs = []
+  retrained = _eval(c, d, msgs)
+  assert retrained["results_file"] != s["results_file"]
+  assert any(s["results_file"] in m and "other weights" in m and "afresh" in m for m in msgs), msgs
+  assert not any("resuming" in m for m in msgs)
+  # The NLL of other weights differs (tiny model after 10 steps: well above the solver tolerance 1e-5).
+  assert abs(retrained["nll_nats_per_dim"] - s["nll_nats_per_dim"]) > 1e-4
+
+  for change, part in [(lambda k: setattr(k.training, "sde", "subvpsde"), "sde"),
+                       (lambda k: setattr(k.model, "beta_max", 15.0), "model"),
+                       (lambda k: setattr(k.eval, "rtol", 1e-4), "settings")]:
+    k = tiny_config()
+    change(k)
+    msgs = []
+    r = _eval(k, d, msgs)
+    assert r["results_file"] not in (s["results_file"], retrained["results_file"])
+    assert any(f"other {part}" in m for m in msgs) and not any("resuming" in m for m in msgs), (part, msgs)
+  with open(retrained["results_file"]) as f:
+    header = json.loads(f.readline())
+  assert header["identity"]["weights"]["set"] == "ema" and len(header["identity"]["weights"]["fingerprint"]) == 16
+
+
+def test_nan_checkpoint_at_an_explicit_step_is_one_clear_error(workdir, tmp_path):
+  """A checkpoint whose EMA weights hold a NaN, asked for by step, fails before any solver step, naming the
+  step and the parameter (before: a traceback, or ~7 minutes of solver steps on 8 devices)."""
+  from score_sde_jax.train import checkpoint as ckpt_lib
+  from score_sde_jax.train import restore
+  d = _fresh(workdir, tmp_path, "nan")
+  _, state = restore.restore_state(tiny_config(), d)
+  ema = jax.tree.map(np.array, state.ema_params)
+  leaves, treedef = jax.tree_util.tree_flatten(ema)
+  i = np.random.default_rng().integers(len(leaves))
+  leaves[i].reshape(-1)[np.random.default_rng().integers(leaves[i].size)] = np.nan
+  ck = ckpt_lib.Checkpointer(d, snapshot_freq=10, async_save=False)   # keeps step 10 too
+  ck.save(20, state.replace(ema_params=jax.tree_util.tree_unflatten(treedef, leaves)),
+          {"process_count": 1, "states": [None]}, wait=True)
+  ck.close()
+  with pytest.raises(evaluation.EvalError, match=r"step 20.*not finite: parameter \S+ has 1 NaN"):
+    evaluation.evaluate_likelihood(tiny_config(), d, checkpoints=[20], report=lambda *_: None)
+  # 'latest' skips it (one line) and evaluates step 10
+  r = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "evaluate.py"), f"--workdir={d}",
+                      "--max_examples=8", "--nobound", "--noprogress"], capture_output=True, text=True,
+                     timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert "skipping checkpoint" in r.stdout and "step 10" in r.stdout, r.stdout[-2000:]
+  r = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "evaluate.py"), f"--workdir={d}",
+                      "--checkpoints=20", "--noprogress"], capture_output=True, text=True, timeout=300,
+                     env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert r.returncode == 2 and r.stderr.startswith("ERROR: ") and "Traceback" not in r.stderr, r.stderr[-2000:]
+  assert "not finite" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

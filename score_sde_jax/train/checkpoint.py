@@ -297,8 +297,8 @@ class Checkpointer:
 
 
 def check_finite_state(state) -> None:
-  """Raises ValueError when any floating leaf of a restored state is NaN/Inf."""
-  for leaf in jax.tree_util.tree_leaves(state):
+  """Raises ValueError naming the first floating leaf (in tree order) of a restored state with NaN/Inf."""
+  for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
     if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
       if not leaf.is_fully_replicated:
         continue
@@ -306,7 +306,8 @@ def check_finite_state(state) -> None:
     else:
       a = np.asarray(leaf)
     if np.issubdtype(a.dtype, np.floating) and not np.all(np.isfinite(a)):
-      raise ValueError("restored state contains NaN/Inf values")
+      raise ValueError(f"restored state contains NaN/Inf values: {jax.tree_util.keystr(path)} has "
+                       f"{int(a.size - np.count_nonzero(np.isfinite(a)))} of {a.size}")
 
 
 def encode_data_states(local_state: Any, num_devices: Optional[int] = None) -> Any:
