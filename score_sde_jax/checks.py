@@ -11,13 +11,19 @@ from typing import Iterable, Mapping
 
 
 def normalize_name(name) -> str:
+  """The one normalisation of every name chosen from a fixed set (samplers, SDEs, solvers, losses, …):
+  surrounding spaces dropped, lower case ('None' → 'none', ' RK45' → 'rk45')."""
   if not isinstance(name, str):
     raise ValueError(f"expected a name (str), got {name!r} of type {type(name).__name__}.")
   return name.strip().lower()
 
 
 def check_choice(param: str, value, allowed: Iterable[str] | Mapping) -> str:
+  """`value` normalised (`normalize_name`, when a str) and checked against `allowed`; returns the
+  normalised name, which callers use from then on."""
   allowed = sorted(allowed)
+  if isinstance(value, str):
+    value = normalize_name(value)
   if value not in allowed:
     raise ValueError(f"Unknown {param} {value!r}; allowed values: {', '.join(map(repr, allowed))}.")
   return value

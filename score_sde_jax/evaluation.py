@@ -188,8 +188,7 @@ def settings_from_config(config, *, batch_size: Optional[int] = None, max_exampl
     bs = -(-bs // n) * n   # pad the global batch to a multiple of the device count
   num_repeats = ev.get("num_repeats", 1)
   checks.check_positive_int("eval.num_repeats", num_repeats)
-  divergence = checks.check_choice("eval.divergence",
-                                   checks.normalize_name(ev.get("divergence", "hutchinson_rademacher")),
+  divergence = checks.check_choice("eval.divergence", ev.get("divergence", "hutchinson_rademacher"),
                                    likelihood.DIVERGENCES)
   num_probes = ev.get("num_probes", 1)
   checks.check_positive_int("eval.num_probes", num_probes)

@@ -87,7 +87,7 @@ def log_likelihood(key, sde, score_fn, x, divergence="hutchinson_rademacher", rt
   axis): see `ode.solve`; with 'per_example' nfe is the largest example's.
   """
   shape = _check_common(sde, score_fn, x, eps, solver, rtol, atol, num_steps, controller, step_control)
-  divergence = checks.check_choice("divergence", checks.normalize_name(divergence), DIVERGENCES)
+  divergence = checks.check_choice("divergence", divergence, DIVERGENCES)
   checks.check_positive_int("num_probes", num_probes)
   x = jnp.asarray(x, jnp.float32)
   probes = None

@@ -81,7 +81,7 @@ def _weight(sde, t, std, weighting):
 def _check_common(sde, eps, weighting, importance_sampling):
   checks.check_sde(sde)
   checks.check_eps(eps, sde.T)
-  checks.check_choice("weighting", weighting, WEIGHTINGS)
+  weighting = checks.check_choice("weighting", weighting, WEIGHTINGS)
   if importance_sampling and weighting != "likelihood":
     raise ValueError("importance_sampling=True samples t from g²/σ² and is defined for "
                      f"weighting='likelihood' only; got weighting={weighting!r}.")
@@ -169,15 +169,13 @@ def loss_name_from_config(config) -> str:
       return "ddpm"
     raise ValueError(f"training.continuous=False is defined for vesde (SMLD) and vpsde (DDPM) only; "
                      f"got training.sde={t.sde!r}.")
-  loss = checks.normalize_name(t.get("loss", "dsm"))
-  checks.check_choice("training.loss", loss, ("dsm", "esm", "ssm", "ssm_vr"))
+  loss = checks.check_choice("training.loss", t.get("loss", "dsm"), ("dsm", "esm", "ssm", "ssm_vr"))
   return loss
 
 
 def weighting_from_config(config) -> str:
   t = config.training
-  weighting = checks.normalize_name(t.get("weighting", "sigma2"))
-  checks.check_choice("training.weighting", weighting, WEIGHTINGS)
+  weighting = checks.check_choice("training.weighting", t.get("weighting", "sigma2"), WEIGHTINGS)
   if t.get("likelihood_weighting", False):
     if weighting not in ("sigma2", "likelihood"):
       raise ValueError(f"training.likelihood_weighting=True conflicts with training.weighting="

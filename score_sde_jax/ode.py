@@ -94,8 +94,7 @@ NO_ARGS = _NoArgs()  # `solve`'s default: f is f(t, y), without args
 
 
 def check_solver_args(solver: str, rtol, atol, num_steps) -> str:
-  solver = checks.normalize_name(solver)
-  checks.check_choice("solver", solver, SOLVERS)
+  solver = checks.check_choice("solver", solver, SOLVERS)
   if num_steps is None:
     if solver not in ADAPTIVE_SOLVERS:
       raise ValueError(f"solver {solver!r} has no error estimate here: pass num_steps (fixed steps), or "
@@ -108,14 +107,14 @@ def check_solver_args(solver: str, rtol, atol, num_steps) -> str:
 
 
 def check_controller(controller: str) -> str:
-  return checks.check_choice("controller", checks.normalize_name(controller), CONTROLLERS)
+  return checks.check_choice("controller", controller, CONTROLLERS)
 
 
 def check_step_control(step_control: Optional[str], solver: str) -> str:
   """The step control to use: `step_control`, or (None) the solver's default."""
   if step_control is None:
     return DEFAULT_STEP_CONTROL.get(checks.normalize_name(solver), "diffrax")
-  return checks.check_choice("step_control", checks.normalize_name(step_control), STEP_CONTROLS)
+  return checks.check_choice("step_control", step_control, STEP_CONTROLS)
 
 
 def evals_per_step(solver: diffrax.AbstractSolver) -> int:

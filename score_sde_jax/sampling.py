@@ -166,15 +166,11 @@ ORDERS = ("predictor_first", "corrector_first")
 
 
 def get_predictor(name: str) -> Callable:
-  key = checks.normalize_name(name)
-  checks.check_choice("predictor", key, PREDICTORS)
-  return PREDICTORS[key].fn
+  return PREDICTORS[checks.check_choice("predictor", name, PREDICTORS)].fn
 
 
 def get_corrector(name: str) -> Callable:
-  key = checks.normalize_name(name)
-  checks.check_choice("corrector", key, CORRECTORS)
-  return CORRECTORS[key].fn
+  return CORRECTORS[checks.check_choice("corrector", name, CORRECTORS)].fn
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -197,11 +193,10 @@ def pc_sample(key, sde, score_fn, shape, predictor="euler_maruyama", corrector="
   """
   checks.check_sde(sde)
   shape = checks.check_shape("shape", shape)
-  predictor_entry = PREDICTORS[checks.check_choice("predictor", checks.normalize_name(predictor),
-                                                   PREDICTORS)]
-  corrector_entry = CORRECTORS[checks.check_choice("corrector", checks.normalize_name(corrector),
-                                                   CORRECTORS)]
-  checks.check_choice("order", order, ORDERS)
+  predictor = checks.check_choice("predictor", predictor, PREDICTORS)
+  corrector = checks.check_choice("corrector", corrector, CORRECTORS)
+  predictor_entry, corrector_entry = PREDICTORS[predictor], CORRECTORS[corrector]
+  order = checks.check_choice("order", order, ORDERS)
   checks.check_eps(eps, sde.T)
   checks.check_non_negative_int("n_corrector_steps", n_corrector_steps)
   checks.check_positive("snr", snr)
@@ -237,6 +232,24 @@ def pc_sample(key, sde, score_fn, shape, predictor="euler_maruyama", corrector="
   return (x_mean if denoise else x), nfe
 
 
+ALD_SMALLEST_STD = 0.01   # NCSN's σ_min (CIFAR-10), the level at which its step_lr 2e-5 was tuned
+
+
+def time_of_std(sde, std: float) -> float:
+  """The t ∈ (0, T) at which the marginal std of `sde` equals `std` (the std rises with t), by bisection
+  (60 halvings: exact to float precision; concrete even inside the caller's jit)."""
+  def std_at(t):
+    with jax.ensure_compile_time_eval():
+      return float(sde.mean_coeff_and_std(jnp.asarray(t, jnp.float32))[1])
+  lo, hi = 0.0, float(sde.T)
+  if not std_at(lo) < std < std_at(hi):
+    raise ValueError(f"no t in (0, T) has marginal std {std} for {type(sde).__name__}.")
+  for _ in range(60):
+    mid = 0.5 * (lo + hi)
+    lo, hi = (mid, hi) if std_at(mid) < std else (lo, mid)
+  return hi
+
+
 def annealed_langevin_sample(key, sde, score_fn, shape, n_steps_each=100, step_lr=2e-5,
                              num_scales=None, eps=None, denoise=True):
   """Annealed Langevin dynamics (Song & Ermon, 2019, Alg. 1) over noise levels σ_1 > … > σ_L.
@@ -245,6 +258,12 @@ def annealed_langevin_sample(key, sde, score_fn, shape, n_steps_each=100, step_l
   [eps, T] maps to σ geometric); for VP/sub-VP the marginal stds at t = linspace(T, eps, L).  At level i,
   `n_steps_each` steps  x ← x + (α_i/2) s(x, t_i) + √α_i z  with  α_i = ε σ_i² / σ_L²  (ε = `step_lr`).
   `denoise` adds the final Tweedie step x + σ_L² s(x, t_L) (Jolicoeur-Martineau et al., 2021).
+
+  The steps are relative to the level's variance: α_i / σ_i² = ε / σ_L² at every level, and a Langevin
+  chain on a Gaussian of variance v diverges for α ≥ 4v, so ε / σ_L² < 2 is required (NCSN: 2e-5 / 0.01²
+  = 0.2).  eps (VP, sub-VP; default None) is therefore the t whose marginal std is NCSN's smallest level,
+  `ALD_SMALLEST_STD` = 0.01 (VP: t ≈ 9.1e-4; sub-VP: t ≈ 0.027, whose std at t = 1e-3 is only 1e-4 and
+  would make ε / σ_L² = 2000, a chain that overflows to NaN).  Values that break the bound are refused.
   Returns (x, nfe)."""
   checks.check_sde(sde)
   shape = checks.check_shape("shape", shape)
@@ -252,13 +271,22 @@ def annealed_langevin_sample(key, sde, score_fn, shape, n_steps_each=100, step_l
   checks.check_positive_int("num_scales", num_scales)
   checks.check_positive_int("n_steps_each", n_steps_each)
   checks.check_positive("step_lr", step_lr)
+  ve = isinstance(sde, sde_lib.VESDE)
   if eps is None:
-    eps = 1e-5 if isinstance(sde, sde_lib.VESDE) else 1e-3
+    eps = 1e-5 if ve else time_of_std(sde, ALD_SMALLEST_STD)
   checks.check_eps(eps, sde.T)
   checks.check_score_fn(score_fn, shape)
   batch = shape[0]
-  if isinstance(sde, sde_lib.VESDE):
+  if ve:
     eps = 0.0  # σ(0) = σ_min: the ladder ends exactly at σ_min
+  with jax.ensure_compile_time_eval():   # concrete even inside the caller's jit
+    smallest = float(sde.mean_coeff_and_std(jnp.asarray(eps, jnp.float32))[1])
+  if not step_lr / smallest ** 2 < 2.0:
+    raise ValueError(
+        f"annealed Langevin dynamics on {type(sde).__name__} with step_lr={step_lr:g} and eps={eps:g}: the "
+        f"smallest noise level σ_L = {smallest:.3g} gives steps α_i = {step_lr / smallest ** 2:.3g} σ_i², "
+        f"beyond the stability bound 2 σ_i² (the chain diverges to NaN). Use a larger eps (the default puts "
+        f"σ_L at {ALD_SMALLEST_STD}) or step_lr < {2 * smallest ** 2:.3g}.")
   times = jnp.linspace(sde.T, eps, num_scales)
   stds = sde.mean_coeff_and_std(times)[1]
   k_prior, k_loop = jax.random.split(key)
@@ -333,8 +361,7 @@ SAMPLING_METHODS = ("pc", "ode", "ald")
 def get_sampler(config, sde, shape):
   """`sample_fn(key, score_fn) -> (x, nfe)` for `config.sampling` (method 'pc', 'ode' or 'ald')."""
   s = config.sampling
-  method = checks.normalize_name(s.method)
-  checks.check_choice("sampling.method", method, SAMPLING_METHODS)
+  method = checks.check_choice("sampling.method", s.method, SAMPLING_METHODS)
   shape = checks.check_shape("shape", shape)
   eps = float(s.get("eps", 1e-3))
   if method == "pc":

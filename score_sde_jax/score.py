@@ -65,7 +65,7 @@ def make_score_fn(sde: sde_lib.SDE, model_fn: ModelFn, *, parameterization: str 
   """
   if parameterization is None:
     parameterization = "score" if isinstance(sde, sde_lib.VESDE) else "noise"
-  checks.check_choice("parameterization", parameterization, PARAMETERIZATIONS)
+  parameterization = checks.check_choice("parameterization", parameterization, PARAMETERIZATIONS)
   if not continuous and not isinstance(sde, (sde_lib.VESDE, sde_lib.VPSDE)):
     raise ValueError("continuous=False needs a VESDE (SMLD) or VPSDE (DDPM); got "
                      f"{type(sde).__name__}.")

@@ -85,6 +85,43 @@ def test_annealed_langevin_reproduces_the_mixture():
   assert int(nfe) == 100 * 20 + 1
 
 
+@pytest.mark.parametrize("sde_name", [pytest.param("vp", marks=pytest.mark.slow), "subvp"])
+def test_annealed_langevin_on_vp_and_subvp_reproduces_the_mixture(sde_name):
+  """The same dynamics on VP and sub-VP with the default eps (the t whose marginal std is 0.01, so that
+  α_i/σ_i² = 0.2 as for VE): before, sub-VP's eps = 1e-3 (std 1e-4) gave α_1 = 2000 σ_1² and NaN.
+  1000 levels: the VP ladder, linear in t, has few levels where σ is below the modes' std, and with 100
+  levels × 20 steps its modes come out ~5% too wide (Langevin not yet mixed), with 1000 levels within 1.5%."""
+  sde = dict(vp=sde_lib.VPSDE(N=1000), subvp=sde_lib.SubVPSDE(N=1000))[sde_name]
+  x, nfe = jax.jit(lambda k: sampling.annealed_langevin_sample(
+      k, sde, MIX.perturbed_score_fn(sde), (N_SAMPLES, 1), n_steps_each=20, step_lr=2e-5))(
+          jax.random.PRNGKey(5))
+  _check_mixture(x, sde, eps=0.0, label=("ald", sde_name))
+  assert int(nfe) == 1000 * 20 + 1
+  t = sampling.time_of_std(sde, sampling.ALD_SMALLEST_STD)
+  np.testing.assert_allclose(float(sde.mean_coeff_and_std(jnp.asarray(t))[1]), 0.01, rtol=1e-5)
+
+
+def test_annealed_langevin_refuses_an_unstable_step():
+  """sub-VP at eps = 1e-3 (σ_L = 1e-4): ε/σ_L² = 2000 ≥ 2 is refused up front, naming the fix."""
+  sde = sde_lib.SubVPSDE(N=10)
+  with pytest.raises(ValueError, match=r"stability bound.*larger eps"):
+    sampling.annealed_langevin_sample(jax.random.PRNGKey(0), sde, MIX.perturbed_score_fn(sde), (4, 1),
+                                      step_lr=2e-5, eps=1e-3)
+
+
+def test_corrector_none_is_normalised_like_every_name():
+  """'None', ' NONE ' and 'none' are one corrector: the samples equal, denoised (the last predictor mean,
+  no final noise); before, 'None' skipped the noise-free last step."""
+  sde = SDES["vp"]
+  score_fn = MIX.perturbed_score_fn(sde)
+  key = jax.random.PRNGKey(int(np.random.default_rng().integers(1 << 30)))
+  run = lambda c, p="Euler_Maruyama": sampling.pc_sample(key, sde, score_fn, (64, 1), predictor=p,
+                                                         corrector=c)[0]
+  ref = run("none", "euler_maruyama")
+  for name in ("None", " NONE ", "nOnE"):
+    np.testing.assert_array_equal(run(name), ref)
+
+
 def test_corrector_order_only_matters_with_a_corrector():
   sde = SDES["vp"]
   score_fn = MIX.perturbed_score_fn(sde)

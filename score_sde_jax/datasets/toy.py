@@ -224,6 +224,5 @@ TOY_DATASETS = tuple(_TOY)
 def get_toy_dataset(name: str):
   """A toy distribution by name: 'mixture1d', 'ring8' (exact mixtures), 'checkerboard', 'moons',
   'swissroll' (sample-only)."""
-  key = checks.normalize_name(name)
-  checks.check_choice("data.dataset", key, _TOY)
+  key = checks.check_choice("data.dataset", name, _TOY)
   return _TOY[key]()

@@ -5,7 +5,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from score_sde_jax.models import embeddings
+from score_sde_jax import checks
+from score_sde_jax.models import embeddings, layers
 from score_sde_jax.models.registry import register_model
 
 
@@ -13,11 +14,13 @@ from score_sde_jax.models.registry import register_model
 class MLP(nn.Module):
   """s_θ(x, label): a residual MLP with the time embedding added to every block.
 
-  Follows the official label conventions: VE models get σ(t) and embed log σ with Gaussian Fourier
-  features (`model.embedding_type='fourier'`); VP/sub-VP models get 999·t and embed it sinusoidally
-  (`'positional'`).  With `model.scale_by_sigma` the output is divided by σ (the label), so that the
-  network predicts σ·s, as NCSN++ does.  Config fields used: model.nf (width), model.num_layers,
-  model.embedding_type, model.fourier_scale, model.scale_by_sigma.
+  Follows the official label conventions (`score.time_labels`): continuous VE models get σ(t), discrete
+  VE models (SMLD, `training.continuous=False`) the index i of the ladder σ_max … σ_min (σ_i looked up in
+  it, as NCSN++ does), VP/sub-VP models 999·t or the DDPM index.  'fourier' embeds log σ with Gaussian
+  Fourier features, 'positional' embeds the label sinusoidally.  With `model.scale_by_sigma` the output
+  is divided by σ, so that the network predicts σ·s, as NCSN++ does.  Config fields used: model.nf
+  (width), model.num_layers, model.embedding_type, model.fourier_scale, model.scale_by_sigma,
+  training.sde and training.continuous (which labels arrive).
   """
 
   config: object
@@ -29,9 +32,15 @@ class MLP(nn.Module):
     batch = x.shape[0]
     h = x.reshape(batch, -1)
     dim = h.shape[-1]
+    t = self.config.training
+    if checks.normalize_name(t.sde) == "vesde" and not t.continuous:
+      # Ladder indices (0 = σ_max): log(index) would be −inf at i = 0, so look σ_i up as NCSN++ does.
+      sigmas = jnp.asarray(layers.get_sigmas(self.config))[labels.astype(jnp.int32)]
+    else:
+      sigmas = labels
     if m.embedding_type == "fourier":
       temb = embeddings.GaussianFourierProjection(embedding_size=nf, scale=float(m.fourier_scale))(
-          jnp.log(labels))
+          jnp.log(sigmas))
     elif m.embedding_type == "positional":
       temb = embeddings.get_timestep_embedding(labels, nf)
     else:
@@ -46,5 +55,5 @@ class MLP(nn.Module):
       h = h + nn.Dense(nf)(nn.silu(r))
     out = nn.Dense(dim)(nn.silu(h))
     if m.scale_by_sigma:
-      out = out / labels[:, None]
+      out = out / sigmas[:, None]
     return out.reshape(x.shape)

@@ -25,6 +25,5 @@ def registered_models() -> Dict[str, Type]:
 
 
 def get_model_class(name: str) -> Type:
-  key = checks.normalize_name(name)
-  checks.check_choice("model.name", key, _MODELS)
+  key = checks.check_choice("model.name", name, _MODELS)
   return _MODELS[key]
