@@ -84,12 +84,6 @@ def check_score_output(score, x) -> None:
                      f"shape {getattr(score, 'shape', None)}.")
 
 
-def check_sde(sde) -> None:
-  from score_sde_jax import sde as sde_lib  # local: sde.py imports this module
-  if not isinstance(sde, sde_lib.SDE):
-    raise ValueError(f"sde must be a VESDE, VPSDE or SubVPSDE instance; got {type(sde).__name__}.")
-
-
 def check_score_fn(score_fn, shape) -> None:
   """Checks once, by abstract evaluation, that score_fn maps x [B, *D] and t [B] to [B, *D]."""
   import jax

@@ -106,7 +106,37 @@ def base_config() -> ml_collections.ConfigDict:
   return config
 
 
-TOY_DATASETS = ("mixture1d", "ring8", "checkerboard", "moons", "swissroll")
+def image_model_fields(config):
+  """The image networks' model fields (NCSN++ / DDPM++ / DDPM / NCSN) with the official defaults."""
+  m = config.model
+  m.normalization = "GroupNorm"
+  m.nonlinearity = "swish"
+  m.ch_mult = (1, 2, 2, 2)
+  m.num_res_blocks = 4
+  m.attn_resolutions = (16,)
+  m.resamp_with_conv = True
+  m.conditional = True
+  m.fir = False
+  m.fir_kernel = [1, 3, 3, 1]
+  m.skip_rescale = True
+  m.resblock_type = "biggan"
+  m.progressive = "none"
+  m.progressive_input = "none"
+  m.progressive_combine = "sum"
+  m.attention_type = "ddpm"
+  m.init_scale = 0.0
+  m.conv_size = 3
+  m.interpolation = "bilinear"
+  m.num_classes = 0
+  return config
+
+
+TOY_DATASETS = ("mixture1d", "ring8", "checkerboard", "moons", "swissroll")   # datasets/toy.py builds them
+
+
+def is_toy(config) -> bool:
+  """Whether `config` trains on a toy (low-dimensional, in-memory) dataset rather than images."""
+  return str(config.data.dataset).lower() in TOY_DATASETS
 
 
 def toy_config(sde: str = "vesde", dataset: str = "ring8") -> ml_collections.ConfigDict:
@@ -160,3 +190,35 @@ def toy_config(sde: str = "vesde", dataset: str = "ring8") -> ml_collections.Con
   evaluate.divergence = "exact"
   evaluate.enable_bpd = True
   return config
+
+
+def defaults_for(config) -> ml_collections.ConfigDict:
+  """The default config of the same kind as `config`: the toy defaults of its dataset and SDE, or the
+  base defaults with the image networks' model fields."""
+  dataset = str(config.data.dataset) if "data" in config and "dataset" in config.data else ""
+  if dataset.lower() in TOY_DATASETS:
+    sde = str(config.training.sde) if "training" in config and "sde" in config.training else "vesde"
+    return toy_config(sde.strip().lower() if sde.strip().lower() in ("vesde", "vpsde", "subvpsde")
+                      else "vesde", dataset.lower())
+  return image_model_fields(base_config())
+
+
+def complete(config) -> list:
+  """Fills, in place, every field `config` lacks with its default (`defaults_for`): the one place where an
+  old or partial config (a config file from before a field existed, a workdir's saved config.json) gets
+  its missing settings.  Returns the filled fields as 'a.b=value' strings, for the caller to report.
+  Code then reads `config.a.b` directly, never `.get(key, default)`."""
+  filled = []
+
+  def fill(node, default, prefix):
+    for key, value in default.items():
+      if key not in node:
+        with node.unlocked():
+          node[key] = value
+        filled.append(f"{prefix}{key}={value!r}")
+      elif isinstance(value, ml_collections.ConfigDict) and isinstance(node[key], ml_collections.ConfigDict):
+        fill(node[key], value, f"{prefix}{key}.")
+
+  fill(config, defaults_for(config), "")
+  return filled
+

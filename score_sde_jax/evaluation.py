@@ -108,7 +108,7 @@ def variational_bound(key, sde, score_fn, x, *, num_t: int = 16, eps: float = 1e
   exact.  With `antithetic`, each t is used with z and −z, and `score_fn(x, t)` is called 2·`num_t`
   times on the batch (else `num_t` times).
   """
-  checks.check_sde(sde)
+  sde_lib.check_sde(sde)
   shape = checks.check_shape("x.shape", getattr(x, "shape", None))
   checks.check_eps(eps, sde.T)
   checks.check_positive_int("num_t", num_t)
@@ -186,18 +186,17 @@ def settings_from_config(config, *, batch_size: Optional[int] = None, max_exampl
   n = int(num_devices)
   if bs % n:
     bs = -(-bs // n) * n   # pad the global batch to a multiple of the device count
-  num_repeats = ev.get("num_repeats", 1)
+  num_repeats = ev.num_repeats
   checks.check_positive_int("eval.num_repeats", num_repeats)
-  divergence = checks.check_choice("eval.divergence", ev.get("divergence", "hutchinson_rademacher"),
-                                   likelihood.DIVERGENCES)
-  num_probes = ev.get("num_probes", 1)
+  divergence = checks.check_choice("eval.divergence", ev.divergence, likelihood.DIVERGENCES)
+  num_probes = ev.num_probes
   checks.check_positive_int("eval.num_probes", num_probes)
-  rtol, atol, eps = ev.get("rtol", 1e-5), ev.get("atol", 1e-5), ev.get("eps", 1e-5)
-  solver = checks.normalize_name(ev.get("solver", "tsit5"))
+  rtol, atol, eps = ev.rtol, ev.atol, ev.eps
+  solver = checks.normalize_name(ev.solver)
   from score_sde_jax import ode as ode_lib
   ode_lib.check_solver_args(solver, rtol, atol, None)
   checks.check_eps(eps, 1.0, "eval.eps")
-  split = ev.get("bpd_dataset", "test")
+  split = ev.bpd_dataset
   if not isinstance(split, str) or not split:
     raise ValueError(f"eval.bpd_dataset must be a split name such as 'test'; got {split!r}.")
   if max_examples is not None:

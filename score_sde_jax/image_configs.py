@@ -17,33 +17,9 @@ from __future__ import annotations
 
 import ml_collections
 
-from score_sde_jax.config_defaults import base_config
+from score_sde_jax.config_defaults import base_config, image_model_fields
 
 SDES = ("vesde", "vpsde", "subvpsde")
-
-
-def _image_model_fields(config):
-  m = config.model
-  m.normalization = "GroupNorm"
-  m.nonlinearity = "swish"
-  m.ch_mult = (1, 2, 2, 2)
-  m.num_res_blocks = 4
-  m.attn_resolutions = (16,)
-  m.resamp_with_conv = True
-  m.conditional = True
-  m.fir = False
-  m.fir_kernel = [1, 3, 3, 1]
-  m.skip_rescale = True
-  m.resblock_type = "biggan"
-  m.progressive = "none"
-  m.progressive_input = "none"
-  m.progressive_combine = "sum"
-  m.attention_type = "ddpm"
-  m.init_scale = 0.0
-  m.conv_size = 3
-  m.interpolation = "bilinear"
-  m.num_classes = 0
-  return config
 
 
 # --------------------------------------------------------------------------------------------------
@@ -51,7 +27,7 @@ def _image_model_fields(config):
 # --------------------------------------------------------------------------------------------------
 def cifar10_config() -> ml_collections.ConfigDict:
   """CIFAR-10 32x32 defaults (official default_cifar10_configs.py)."""
-  config = _image_model_fields(base_config())
+  config = image_model_fields(base_config())
   t = config.training
   t.batch_size = 128
   t.n_iters = 1300001

@@ -63,7 +63,7 @@ def likelihood_vector_field(sde, score_fn, divergence="hutchinson_rademacher"):
 
 def _check_common(sde, score_fn, x, eps, solver, rtol, atol, num_steps, controller="batch",
                   step_control=None):
-  checks.check_sde(sde)
+  sde_lib.check_sde(sde)
   shape = checks.check_shape("x.shape", getattr(x, "shape", None))
   checks.check_eps(eps, sde.T)
   ode_lib.check_solver_args(solver, rtol, atol, num_steps)

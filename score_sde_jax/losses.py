@@ -79,7 +79,7 @@ def _weight(sde, t, std, weighting):
 
 
 def _check_common(sde, eps, weighting, importance_sampling):
-  checks.check_sde(sde)
+  sde_lib.check_sde(sde)
   checks.check_eps(eps, sde.T)
   weighting = checks.check_choice("weighting", weighting, WEIGHTINGS)
   if importance_sampling and weighting != "likelihood":
@@ -169,14 +169,14 @@ def loss_name_from_config(config) -> str:
       return "ddpm"
     raise ValueError(f"training.continuous=False is defined for vesde (SMLD) and vpsde (DDPM) only; "
                      f"got training.sde={t.sde!r}.")
-  loss = checks.check_choice("training.loss", t.get("loss", "dsm"), ("dsm", "esm", "ssm", "ssm_vr"))
+  loss = checks.check_choice("training.loss", t.loss, ("dsm", "esm", "ssm", "ssm_vr"))
   return loss
 
 
 def weighting_from_config(config) -> str:
   t = config.training
-  weighting = checks.check_choice("training.weighting", t.get("weighting", "sigma2"), WEIGHTINGS)
-  if t.get("likelihood_weighting", False):
+  weighting = checks.check_choice("training.weighting", t.weighting, WEIGHTINGS)
+  if t.likelihood_weighting:
     if weighting not in ("sigma2", "likelihood"):
       raise ValueError(f"training.likelihood_weighting=True conflicts with training.weighting="
                        f"{weighting!r}; set one of them.")
@@ -190,7 +190,7 @@ def get_per_example_loss_fn(sde: sde_lib.SDE, apply_fn: Callable, config, train:
   selects (for masked evaluation of padded batches); see `get_loss_fn`."""
   loss_name = loss_name_from_config(config)
   weighting = weighting_from_config(config)
-  importance_sampling = bool(config.training.get("importance_sampling", False))
+  importance_sampling = bool(config.training.importance_sampling)
   reduce_mean = bool(config.training.reduce_mean)
   continuous = loss_name not in ("smld", "ddpm")
   if continuous:

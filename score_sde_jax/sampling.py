@@ -191,7 +191,7 @@ def pc_sample(key, sde, score_fn, shape, predictor="euler_maruyama", corrector="
   denoise: return the last update's mean (no final noise), as the official `noise_removal`.
   nfe = N × (predictor's + n_corrector_steps × corrector's score evaluations per step).
   """
-  checks.check_sde(sde)
+  sde_lib.check_sde(sde)
   shape = checks.check_shape("shape", shape)
   predictor = checks.check_choice("predictor", predictor, PREDICTORS)
   corrector = checks.check_choice("corrector", corrector, CORRECTORS)
@@ -265,7 +265,7 @@ def annealed_langevin_sample(key, sde, score_fn, shape, n_steps_each=100, step_l
   `ALD_SMALLEST_STD` = 0.01 (VP: t ≈ 9.1e-4; sub-VP: t ≈ 0.027, whose std at t = 1e-3 is only 1e-4 and
   would make ε / σ_L² = 2000, a chain that overflows to NaN).  Values that break the bound are refused.
   Returns (x, nfe)."""
-  checks.check_sde(sde)
+  sde_lib.check_sde(sde)
   shape = checks.check_shape("shape", shape)
   num_scales = sde.N if num_scales is None else num_scales
   checks.check_positive_int("num_scales", num_scales)
@@ -338,7 +338,7 @@ def ode_sample(key, sde, score_fn, shape, solver=ode_lib.DEFAULT_SOLVER, rtol=1e
   its share of the batch, in lockstep with one step-size controller over the whole batch, so the samples
   do not depend on the device count (see `ode.solve`).  controller='per_example' gives every sample its
   own steps (nfe is then the largest count); step_control (None: the solver's): see `ode.solve`."""
-  checks.check_sde(sde)
+  sde_lib.check_sde(sde)
   shape = checks.check_shape("shape", shape)
   checks.check_eps(eps, sde.T)
   ode_lib.check_solver_args(solver, rtol, atol, num_steps)
@@ -363,22 +363,20 @@ def get_sampler(config, sde, shape):
   s = config.sampling
   method = checks.check_choice("sampling.method", s.method, SAMPLING_METHODS)
   shape = checks.check_shape("shape", shape)
-  eps = float(s.get("eps", 1e-3))
+  eps = float(s.eps)
   if method == "pc":
     get_predictor(s.predictor), get_corrector(s.corrector)  # validate names now
     return lambda key, score_fn: pc_sample(
         key, sde, score_fn, shape, predictor=s.predictor, corrector=s.corrector, snr=float(s.snr),
         n_corrector_steps=int(s.n_steps_each), denoise=bool(s.noise_removal), eps=eps,
-        probability_flow=bool(s.probability_flow), order=s.get("order", "predictor_first"))
+        probability_flow=bool(s.probability_flow), order=s.order)
   if method == "ode":
-    num_steps = int(s.get("ode_num_steps", 0)) or None
-    ode_lib.check_solver_args(s.get("ode_solver", ode_lib.DEFAULT_SOLVER), s.get("ode_rtol", 1e-5),
-                              s.get("ode_atol", 1e-5), num_steps)
-    controller = ode_lib.check_controller(s.get("ode_controller", "batch"))
+    num_steps = int(s.ode_num_steps) or None
+    solver = ode_lib.check_solver_args(s.ode_solver, s.ode_rtol, s.ode_atol, num_steps)
+    controller = ode_lib.check_controller(s.ode_controller)
     return lambda key, score_fn: ode_sample(
-        key, sde, score_fn, shape, solver=s.get("ode_solver", ode_lib.DEFAULT_SOLVER),
-        rtol=float(s.get("ode_rtol", 1e-5)), atol=float(s.get("ode_atol", 1e-5)), eps=eps,
+        key, sde, score_fn, shape, solver=solver, rtol=float(s.ode_rtol), atol=float(s.ode_atol), eps=eps,
         num_steps=num_steps, denoise=bool(s.noise_removal), controller=controller)
   return lambda key, score_fn: annealed_langevin_sample(
       key, sde, score_fn, shape, n_steps_each=int(s.n_steps_each),
-      step_lr=float(s.get("ald_step_lr", 2e-5)), denoise=bool(s.noise_removal))
+      step_lr=float(s.ald_step_lr), denoise=bool(s.noise_removal))

@@ -369,6 +369,12 @@ class SubVPSDE(_VPFamily):
 SDES = {"vesde": VESDE, "vpsde": VPSDE, "subvpsde": SubVPSDE}
 
 
+def check_sde(sde) -> None:
+  """A clear error when `sde` is not one of this module's SDEs (the samplers and losses take any of them)."""
+  if not isinstance(sde, SDE):
+    raise ValueError(f"sde must be a VESDE, VPSDE or SubVPSDE instance; got {type(sde).__name__}.")
+
+
 def get_sde(name: str, **kwargs) -> SDE:
   """Builds an SDE by name ('vesde', 'vpsde', 'subvpsde'; case-insensitive, 've'/'vp'/'subvp' too)."""
   key = checks.normalize_name(name)

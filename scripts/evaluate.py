@@ -104,8 +104,9 @@ def _main():
     except FileNotFoundError as e:
       raise evaluation.EvalError(f"{e} Pass --config, or train first: python scripts/train.py "
                                  f"--config <config.py> --workdir {FLAGS.workdir}") from e
+  config_utils.complete_config(config, print if jax.process_index() == 0 else (lambda *_: None))
   config_utils.apply_overrides(config, FLAGS.set)
-  if not bool(config.eval.get("enable_bpd", False)):
+  if not bool(config.eval.enable_bpd):
     print("eval.enable_bpd is False: nothing to do (pass --config.eval.enable_bpd=True).",
           file=sys.stderr)
     return
@@ -129,7 +130,7 @@ def _main():
   steps = ([pretrained.step] if pretrained is not None else which if isinstance(which, list) else [])
   steps = [s for s in steps if s is not None]
   if FLAGS.weights == "ema" and steps and jax.process_index() == 0:
-    note = state_lib.young_ema_note(min(steps), float(config.model.get("ema_rate", 0.0)),
+    note = state_lib.young_ema_note(min(steps), float(config.model.ema_rate),
                                     raw_hint="--weights raw")
     if note:
       print(note)

@@ -103,6 +103,7 @@ def _main():
   else:
     raise ValueError(f"{source} is not a training workdir: pass --config <the config the checkpoint was "
                      f"trained with>, e.g. configs/vp/cifar10_ddpmpp_continuous.py.")
+  config_utils.complete_config(config, say)
   config_utils.apply_overrides(config, FLAGS.set)
   for name in ("num_samples", "batch_size"):
     if getattr(FLAGS, name) is not None and getattr(FLAGS, name) < 1:
@@ -111,7 +112,7 @@ def _main():
     raise ValueError(f"--step must be a checkpoint's step (>= 0); got {FLAGS.step}.")
   mesh = parallel.make_mesh()
   n_dev = mesh.devices.size
-  total = FLAGS.num_samples or int(config.sampling.get("num_samples", 64))
+  total = FLAGS.num_samples or int(config.sampling.num_samples)
   if total < 1:
     raise ValueError(f"sampling.num_samples must be positive; got {total}.")
   bs = FLAGS.batch_size or min(total, int(config.eval.batch_size))
@@ -142,7 +143,7 @@ def _main():
   say(f"{pre.weights} weights of step {pre.step} from {pre.path} ({pre.format}, "
       f"fingerprint {pre.fingerprint})")
   if pre.weights == "ema" and pre.step is not None:
-    note = state_lib.young_ema_note(pre.step, float(config.model.get("ema_rate", 0.0)))
+    note = state_lib.young_ema_note(pre.step, float(config.model.ema_rate))
     if note:
       say(note)
 

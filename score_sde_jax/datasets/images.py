@@ -30,6 +30,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from score_sde_jax import config_defaults
 from score_sde_jax.config_defaults import TOY_DATASETS
 from score_sde_jax.datasets import builders
 from score_sde_jax.datasets.builders import (MnistDataError, default_mnist_source_dir, prepare_mnist)  # noqa: F401
@@ -46,8 +47,7 @@ class DataError(RuntimeError):
 # Scalers
 
 
-def _is_toy(config) -> bool:
-  return config.data.dataset in TOY_DATASETS
+_is_toy = config_defaults.is_toy
 
 
 def get_data_scaler(config) -> Callable:
@@ -140,7 +140,7 @@ def _spec(config) -> _Spec:
   if name == "CELEBA":
     return _Spec("celeb_a", "train", "validation", 3, _pp_celeba)
   if name == "LSUN":
-    category = config.data.get("category", None)
+    category = config.data.category if "category" in config.data else None   # LSUN configs set it
     if not category:
       raise ValueError("LSUN needs config.data.category (e.g. 'bedroom', 'church_outdoor').")
     return _Spec(f"lsun/{category}", "train", "validation", 3, _pp_lsun)
@@ -155,7 +155,7 @@ def _spec(config) -> _Spec:
 
 
 def _data_dir(config) -> str:
-  return builders.default_data_dir(config.data.get("tfds_data_dir", "") or None)
+  return builders.default_data_dir(config.data.tfds_data_dir or None)
 
 
 def _prepare_hint(config, data_dir: str) -> str:

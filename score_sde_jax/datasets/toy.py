@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from score_sde_jax import checks
+from score_sde_jax import checks, config_defaults
 
 Array = jax.Array
 
@@ -218,7 +218,9 @@ _TOY = {
     "swissroll": lambda: SampledToy("swissroll", _swissroll),
 }
 
-TOY_DATASETS = tuple(_TOY)
+if tuple(_TOY) != config_defaults.TOY_DATASETS:   # the names live in the config defaults
+  raise ImportError(f"datasets/toy.py builds {tuple(_TOY)} but config_defaults.TOY_DATASETS names "
+                    f"{config_defaults.TOY_DATASETS}")
 
 
 def get_toy_dataset(name: str):

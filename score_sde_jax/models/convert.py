@@ -65,12 +65,12 @@ def _dummy_inputs(config, batch: int = 1):
   name = str(config.model.name).lower()
   if name in _ATTR_FAMILY or name == "ddpm" or not config.training.continuous:
     labels = jnp.zeros((batch,), jnp.int32)
-  elif str(config.model.get("embedding_type", "positional")).lower() == "fourier":
+  elif str(config.model.embedding_type).lower() == "fourier":
     labels = jnp.ones((batch,), jnp.float32)
   else:
     labels = jnp.zeros((batch,), jnp.float32)
   kwargs = {}
-  if int(config.model.get("num_classes", 0) or 0) > 0:
+  if int(config.model.num_classes) > 0:
     kwargs["class_labels"] = jnp.zeros((batch,), jnp.int32)
   return x, labels, kwargs
 
@@ -235,7 +235,7 @@ def _select_state_dict(state_dict: Mapping[str, Any], use_ema: bool) -> Dict[str
 def _ignorable(key: str, config) -> bool:
   if key.split(".")[-1] in _IGNORED_BUFFERS:
     return True
-  if not bool(config.model.get("conditional", True)) and re.search(r"\.Dense_0\.(weight|bias)$", key):
+  if not bool(config.model.conditional) and re.search(r"\.Dense_0\.(weight|bias)$", key):
     return True
   return False
 

@@ -35,8 +35,8 @@ class DDPM(nn.Module):
     dropout = float(m.dropout)
     resamp_with_conv = bool(m.resamp_with_conv)
     num_resolutions = len(ch_mult)
-    conditional = bool(m.get("conditional", True))
-    remat = bool(m.get("remat", False))
+    conditional = bool(m.conditional)
+    remat = bool(m.remat)
     layers.check_image_input(config, x, num_resolutions - 1)
     for c in (nf,) + tuple(nf * k for k in ch_mult):
       if c % 32:

@@ -27,7 +27,7 @@ Dtype = Any
 # --------------------------------------------------------------------------------------------------
 def get_act(config) -> Callable:
   """The nonlinearity named by `config.model.nonlinearity`."""
-  name = str(config.model.get("nonlinearity", "swish")).lower()
+  name = str(config.model.nonlinearity).lower()
   acts = {"elu": nn.elu, "relu": nn.relu, "lrelu": functools.partial(nn.leaky_relu, negative_slope=0.2),
           "swish": nn.swish, "silu": nn.swish}
   if name not in acts:
@@ -49,7 +49,7 @@ def get_sigmas(config) -> np.ndarray:
 
 
 def get_dtype(config) -> Dtype:
-  name = str(config.model.get("dtype", "float32")).lower()
+  name = str(config.model.dtype).lower()
   table = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
            "float16": jnp.float16, "fp16": jnp.float16}
   if name not in table:

@@ -56,7 +56,7 @@ class _Namer:
 def class_embedding(config, class_labels, temb, dim, dtype):
   """Adds the class-label embedding (num_classes > 0) to the time embedding `temb` (or returns it
   alone when the network is not noise-conditional)."""
-  num_classes = int(config.model.get("num_classes", 0) or 0)
+  num_classes = int(config.model.num_classes)
   if num_classes <= 0:
     if class_labels is not None:
       raise ValueError("class_labels were given but config.model.num_classes is 0; set "
@@ -99,7 +99,7 @@ class NCSNpp(nn.Module):
     embedding_type = _choice("embedding_type", m.embedding_type, EMBEDDING_TYPES)
     combine_method = _choice("progressive_combine", m.progressive_combine, ("sum", "cat"))
     init_scale = float(m.init_scale)
-    remat = bool(m.get("remat", False))
+    remat = bool(m.remat)
     layers.check_image_input(config, x, num_resolutions - 1)
     name = _Namer()
 

@@ -23,7 +23,7 @@ from score_sde_jax.models.registry import register_model
 def _prepare(module, x, labels, class_labels, num_downsamples):
   config = module.config
   layers.check_image_input(config, x, num_downsamples)
-  if int(config.model.get("num_classes", 0) or 0) > 0 or class_labels is not None:
+  if int(config.model.num_classes) > 0 or class_labels is not None:
     raise ValueError(f"model.name={config.model.name!r} has no class-conditional variant; use 'ncsnpp' or "
                      f"'ddpm' with model.num_classes > 0.")
   dtype = layers.get_dtype(config)
@@ -57,7 +57,7 @@ class _RefineNetBase(nn.Module):
     nf = int(config.model.nf)
     act = layers.get_act(config)
     norm = normalization.get_normalization(config, conditional=self.conditional, dtype=dtype)
-    interpolation = str(config.model.get("interpolation", "bilinear"))
+    interpolation = str(config.model.interpolation)
     y = jnp.asarray(labels).astype(jnp.int32) if self.conditional else None
 
     h = layers.ncsn_conv(h, nf, dtype=dtype, name="begin_conv")

@@ -115,7 +115,7 @@ class ConditionalInstanceNorm2dPlus(nn.Module):
 
 def get_normalization(config, conditional: bool = False, dtype=jnp.float32):
   """The normalisation module class named by `config.model.normalization` (partially applied)."""
-  norm = str(config.model.get("normalization", "InstanceNorm++"))
+  norm = str(config.model.normalization)
   if conditional:
     if norm == "InstanceNorm++":
       return functools.partial(ConditionalInstanceNorm2dPlus, num_classes=int(config.model.num_scales),

@@ -58,6 +58,16 @@ class ConfigError(ValueError):
   """A config problem found before training starts."""
 
 
+def complete_config(config, report=print):
+  """`config_defaults.complete` (fills what an old or partial config lacks), saying once what it filled.
+  Every path that takes a config from outside (a config file, a workdir's config.json) calls it."""
+  filled = config_defaults.complete(config)
+  if filled:
+    shown = ", ".join(filled[:8]) + (f", … ({len(filled)} in all)" if len(filled) > 8 else "")
+    report(f"config: filled in from the defaults (the config does not set them): {shown}")
+  return config
+
+
 def flatten(config, prefix: str = "") -> Dict[str, Any]:
   out = {}
   items = config.items() if hasattr(config, "items") else []
@@ -75,7 +85,7 @@ def schema() -> Dict[str, Any]:
   each toy dataset and SDE)."""
   keys = flatten(config_defaults.base_config())
   for sde in ("vesde", "vpsde", "subvpsde"):
-    for name in getattr(config_defaults, "TOY_DATASETS", ("ring8",)):
+    for name in config_defaults.TOY_DATASETS:
       for k, v in flatten(config_defaults.toy_config(sde, name)).items():
         keys.setdefault(k, v)
   try:   # image datasets and models (NCSN++ / DDPM++ / DDPM / NCSN fields)
@@ -139,45 +149,43 @@ def validate_config(config, num_devices: int = 1) -> List[str]:
     if not _type_ok(value, known[key]):
       errors.append(f"{key}={value!r} has type {_type_name(value)}; expected {_type_name(known[key])} "
                     f"(like the default {known[key]!r})")
-  t = config.get("training", {})
+  missing = [k for k in flatten(config_defaults.defaults_for(config)) if k not in flat]
+  if missing:
+    errors.append(f"the config lacks {', '.join(missing[:8])}{' …' if len(missing) > 8 else ''}: complete it "
+                  f"with config_defaults.complete(config) (the CLIs and train() do)")
+  if errors:
+    raise ConfigError("Invalid config:\n  - " + "\n  - ".join(errors))
+  t = config.training
   for name in ("batch_size", "n_iters", "snapshot_freq", "log_freq", "snapshot_freq_for_preemption",
                "n_jitted_steps"):
-    v = t.get(name, 1)
-    if isinstance(v, int) and not isinstance(v, bool) and v <= 0:
-      errors.append(f"training.{name}={v} must be a positive integer")
-  bs = t.get("batch_size", None)
-  if isinstance(bs, int) and bs > 0 and bs % num_devices:
-    errors.append(f"training.batch_size={bs} does not divide by the number of devices "
+    if t[name] <= 0:
+      errors.append(f"training.{name}={t[name]} must be a positive integer")
+  if t.batch_size > 0 and t.batch_size % num_devices:
+    errors.append(f"training.batch_size={t.batch_size} does not divide by the number of devices "
                   f"({num_devices}); use a multiple of {num_devices}")
-  ebs = config.get("eval", {}).get("batch_size", None)
-  if isinstance(ebs, int) and ebs > 0 and ebs % num_devices:
+  ebs = config.eval.batch_size
+  if ebs > 0 and ebs % num_devices:
     errors.append(f"eval.batch_size={ebs} does not divide by the number of devices ({num_devices}); "
                   f"use a multiple of {num_devices}")
-  n_jit = t.get("n_jitted_steps", 1)
-  if isinstance(n_jit, int) and n_jit > 1:
+  if t.n_jitted_steps > 1:
     for name in ("snapshot_freq", "snapshot_freq_for_preemption", "log_freq"):
-      v = t.get(name, 1)
-      if isinstance(v, int) and v > 0 and v % n_jit:
-        errors.append(f"training.{name}={v} must be a multiple of training.n_jitted_steps={n_jit}")
-  sw = t.get("snapshot_weights", "ema")
-  if isinstance(sw, str) and sw not in ("ema", "raw"):
-    errors.append(f"training.snapshot_weights={sw!r}; allowed values: 'ema', 'raw'")
-  ds = config.get("data", {}).get("dataset", None)
-  if isinstance(ds, str):
-    from score_sde_jax.datasets.images import IMAGE_DATASETS
-    toy = tuple(getattr(config_defaults, "TOY_DATASETS", ()))
-    if ds not in toy and ds not in IMAGE_DATASETS:
-      close = difflib.get_close_matches(ds, list(IMAGE_DATASETS) + list(toy), n=1, cutoff=0.6)
-      hint = f"; did you mean {close[0]!r}?" if close else ""
-      errors.append(f"data.dataset={ds!r} is not a known dataset{hint} (images: "
-                    f"{', '.join(IMAGE_DATASETS)}; toy: {', '.join(toy)})")
-  m = config.get("model", {})
-  er = m.get("ema_rate", 0.999)
-  if isinstance(er, (int, float)) and not 0.0 <= er < 1.0:
-    errors.append(f"model.ema_rate={er} must lie in [0, 1)")
-  dt = m.get("dtype", "float32")
-  if isinstance(dt, str) and dt not in ("float32", "bfloat16", "float16"):
-    errors.append(f"model.dtype={dt!r}; allowed values: 'float32', 'bfloat16', 'float16'")
+      if t[name] > 0 and t[name] % t.n_jitted_steps:
+        errors.append(f"training.{name}={t[name]} must be a multiple of training.n_jitted_steps="
+                      f"{t.n_jitted_steps}")
+  if t.snapshot_weights not in ("ema", "raw"):
+    errors.append(f"training.snapshot_weights={t.snapshot_weights!r}; allowed values: 'ema', 'raw'")
+  ds = config.data.dataset
+  from score_sde_jax.datasets.images import IMAGE_DATASETS
+  toy = config_defaults.TOY_DATASETS
+  if ds not in toy and ds not in IMAGE_DATASETS:
+    close = difflib.get_close_matches(ds, list(IMAGE_DATASETS) + list(toy), n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    errors.append(f"data.dataset={ds!r} is not a known dataset{hint} (images: "
+                  f"{', '.join(IMAGE_DATASETS)}; toy: {', '.join(toy)})")
+  if not 0.0 <= config.model.ema_rate < 1.0:
+    errors.append(f"model.ema_rate={config.model.ema_rate} must lie in [0, 1)")
+  if config.model.dtype not in ("float32", "bfloat16", "float16"):
+    errors.append(f"model.dtype={config.model.dtype!r}; allowed values: 'float32', 'bfloat16', 'float16'")
   if not errors:
     errors += _build_errors(config)
   if errors:

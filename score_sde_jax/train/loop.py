@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from score_sde_jax import config_defaults
 from score_sde_jax import sde as sde_lib
 from score_sde_jax.train import checkpoint as ckpt_lib
 from score_sde_jax.train import config_utils
@@ -72,12 +73,7 @@ class TrainResult:
   lock: Any = None              # the workdir's lock, still held (train(..., keep_lock=True) only)
 
 
-def is_toy(config) -> bool:
-  try:
-    from score_sde_jax.config_defaults import TOY_DATASETS
-  except ImportError:  # pragma: no cover
-    TOY_DATASETS = ("mixture1d", "ring8", "checkerboard", "moons", "swissroll")
-  return str(config.data.dataset).lower() in TOY_DATASETS
+is_toy = config_defaults.is_toy
 
 
 def _datasets():
@@ -188,11 +184,12 @@ def train(config, workdir: str, *, devices: Optional[Sequence] = None, force_res
   n_dev = mesh.devices.size
 
   # ---- checks before any compilation (nothing is written) -----------------------------------------
+  config_utils.complete_config(config, report)
   for w in config_utils.validate_config(config, n_dev):
     report(f"config note: {w}")
   t_cfg = config.training
   n_iters = int(t_cfg.n_iters)
-  n_jit = max(1, int(t_cfg.get("n_jitted_steps", 1)))
+  n_jit = max(1, int(t_cfg.n_jitted_steps))
   global_batch = int(t_cfg.batch_size)
   host_batch = parallel.local_batch_size(global_batch, mesh)
   if os.path.exists(workdir) and not os.path.isdir(workdir):
@@ -433,22 +430,22 @@ def _restore_and_run(*, config, workdir, progress, report, async_checkpoint, han
 
   def snapshot(step: int):
     out = {}
-    if bool(config.eval.get("enable_loss", True)):
+    if bool(config.eval.enable_loss):
       loss = eval_loss(step)
       if loss is not None:
         out["eval_loss"] = loss
         writer.write_scalars(step, {"eval/loss": loss})
         writer.flush()
         say(f"step {step}: eval loss (EMA params, test split) = {loss:.5g}")
-    if bool(t_cfg.get("snapshot_sampling", True)):
+    if bool(t_cfg.snapshot_sampling):
       out["samples"] = snapshot_samples(step)
     return out
 
-  snap_weights = str(t_cfg.get("snapshot_weights", "ema"))
+  snap_weights = str(t_cfg.snapshot_weights)
 
   def snapshot_samples(step: int):
     if "sample" not in snap_fns:
-      n = int(config.sampling.get("num_samples", 64))
+      n = int(config.sampling.num_samples)
       sample_fn = sampling_lib.get_sampler(config, sde, (n,) + data_shape)
 
       def draw(params, key):
@@ -553,8 +550,8 @@ def _restore_and_run(*, config, workdir, progress, report, async_checkpoint, han
     loss = float(parallel.to_host(s_)) / max(float(parallel.to_host(c_)), 1.0)
     writer.write_scalars(step, {"eval/batch_loss": loss})
 
-  eval_freq = int(t_cfg.get("eval_freq", 0) or 0)
-  do_batch_eval = eval_freq > 0 and bool(config.eval.get("enable_loss", True))
+  eval_freq = int(t_cfg.eval_freq)
+  do_batch_eval = eval_freq > 0 and bool(config.eval.enable_loss)
 
   # ---- the loop -----------------------------------------------------------------------------------
   catcher = _SignalCatcher(handle_signals)

@@ -46,7 +46,7 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
   if saved is None:
     raise FileNotFoundError(f"{os.path.join(workdir, config_utils.CONFIG_FILE)} does not exist: "
                             f"{workdir!r} is not a training workdir (or training never started).")
-  return ml_collections.ConfigDict(saved)
+  return config_utils.complete_config(ml_collections.ConfigDict(saved))
 
 
 def data_shape(config) -> Tuple[int, ...]:

@@ -56,7 +56,7 @@ def toy_report(config, workdir: str, state, samples=None, report=print) -> Dict[
     return models_lib.get_score_fn(sde, model, p, continuous=continuous, train=False)
 
   if samples is None:
-    n = int(config.sampling.get("num_samples", 2000))
+    n = int(config.sampling.num_samples)
     sample_fn = sampling_lib.get_sampler(config, sde, (n,) + x_test.shape[1:])
     draw = jax.jit(lambda p, k: inverse_scaler(sample_fn(k, score_fn_of(p))[0]))
     samples = np.asarray(draw(params, jax.random.PRNGKey(int(config.seed) + 3)))
@@ -70,16 +70,16 @@ def toy_report(config, workdir: str, state, samples=None, report=print) -> Dict[
       title=f"learned score field (EMA), {config.training.sde}")
 
   ev = config.eval
-  divergence = str(ev.get("divergence", "exact"))
+  divergence = str(ev.divergence)
 
   @jax.jit
   def nll_fn(p, x, key):
     logp, _, nfe = likelihood.log_likelihood(key, sde, score_fn_of(p), x, divergence=divergence,
-                                             rtol=float(ev.get("rtol", 1e-5)),
-                                             atol=float(ev.get("atol", 1e-5)),
-                                             eps=float(ev.get("eps", 1e-5)),
-                                             num_probes=int(ev.get("num_probes", 1)),
-                                             solver=str(ev.get("solver", "tsit5")))
+                                             rtol=float(ev.rtol),
+                                             atol=float(ev.atol),
+                                             eps=float(ev.eps),
+                                             num_probes=int(ev.num_probes),
+                                             solver=str(ev.solver))
     return logp, nfe
 
   x_model = np.asarray(scaler(jnp.asarray(x_test)))
