@@ -135,7 +135,7 @@ BPD_CONVENTION = (
 )
 
 
-def _elementwise_log_abs_derivative(scaler, u):
+def scaler_log_abs_det(scaler, u):
   """Σ log|scaler'(u)| over the non-batch dimensions, for an elementwise scaler (a JVP with ones)."""
   _, d = jax.jvp(scaler, (u,), (jnp.ones_like(u),))
   return jnp.sum(jnp.log(jnp.abs(d)).reshape(u.shape[0], -1), axis=-1)
@@ -200,7 +200,7 @@ def bits_per_dim(key, sde, score_fn, x, *, num_bits=8, scaler="centered", dequan
     v = v + jax.random.uniform(k_deq, v.shape, jnp.float32)
   u = v / 2 ** num_bits
   y = scaler(u)
-  log_det = _elementwise_log_abs_derivative(scaler, u)
+  log_det = scaler_log_abs_det(scaler, u)
   logp, z, nfe = log_likelihood(k_ll, sde, score_fn, y, divergence=divergence, rtol=rtol, atol=atol,
                                 eps=eps, num_probes=num_probes, solver=solver, num_steps=num_steps,
                                 controller=controller, step_control=step_control, sharding=sharding)

@@ -87,7 +87,8 @@ def _main():
   import numpy as np
   from tqdm.auto import tqdm
 
-  from score_sde_jax import checkpoints, models, plotting, sampling, sde as sde_lib
+  from score_sde_jax import checkpoints, models, plotting, sde as sde_lib
+  from score_sde_jax import draw as draw_lib
   from score_sde_jax.train import config_utils, loop, parallel, restore
   from score_sde_jax.train import state as state_lib
 
@@ -132,9 +133,7 @@ def _main():
                                    f"--config.section.field=value)") from None
   sde = sde_lib.sde_from_config(config)
   model = models.get_model(config)
-  _, inverse_scaler = loop.get_scalers(config)
   shape = (bs,) + restore.data_shape(config)
-  sample_fn = sampling.get_sampler(config, sde, shape)
   rep, bsh = parallel.replicated(mesh), parallel.batch_sharding(mesh)
   # Every process reads (a workdir checkpoint is restored onto this run's mesh, whatever wrote it).
   pre = checkpoints.read_pretrained(source, config, weights=FLAGS.weights, step=FLAGS.step)
@@ -147,13 +146,7 @@ def _main():
     if note:
       say(note)
 
-  def draw(params, key):
-    score_fn = models.get_score_fn(sde, model, params, continuous=bool(config.training.continuous),
-                                   train=False)
-    x, nfe = sample_fn(key, score_fn)
-    return inverse_scaler(x), nfe
-
-  draw = jax.jit(draw, in_shardings=(rep, rep), out_shardings=(bsh, rep))
+  draw = draw_lib.draw_program(config, sde, model, shape, replicated=rep, out_sharding=bsh)
   params = parallel.replicate(pre.variables, mesh)
   out, nfes = [], []
   t0 = time.time()
@@ -161,7 +154,7 @@ def _main():
   with tqdm(total=total, unit="sample", desc=f"sampling ({config.sampling.method})",
             disable=not (FLAGS.progress and process0)) as bar:
     for i in range(num_batches):
-      key = jax.device_put(jax.random.fold_in(jax.random.PRNGKey(FLAGS.seed), i), rep)
+      key = jax.device_put(draw_lib.batch_key(FLAGS.seed, i), rep)
       x, nfe = draw(params, key)
       x = parallel.to_host(x)      # gathered from every host
       out.append(x)

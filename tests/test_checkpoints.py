@@ -18,6 +18,8 @@ import flax.serialization
 import jax
 import jax.numpy as jnp
 import ml_collections
+
+from score_sde_jax import config_defaults
 import numpy as np
 import pytest
 
@@ -44,6 +46,7 @@ def _rel(a, b):
 
 def _fixture(name):
   config = ml_collections.ConfigDict(json.load(open(os.path.join(FIXTURES, name, "config.json"))))
+  config_defaults.complete(config)   # an official config: the fields it predates get their defaults
   return config, np.load(os.path.join(FIXTURES, name, "io.npz"))
 
 
@@ -131,6 +134,7 @@ def test_official_jax_names_on_every_architecture(tmp_path, monkeypatch):
   for path in MATRIX:
     d = np.load(path)
     config = ml_collections.ConfigDict(json.loads(str(d["config_json"])))
+    config_defaults.complete(config)   # an official config: the fields it predates get their defaults
     ours = convert_torch_state_dict(config, {k[3:]: d[k] for k in d.files if k.startswith("sd/")})
     ours = jax.tree.map(np.asarray, ours)
     official = _official_jax_tree(ours["params"])

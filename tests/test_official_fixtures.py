@@ -14,6 +14,8 @@ import os
 import jax
 import jax.numpy as jnp
 import ml_collections
+
+from score_sde_jax import config_defaults
 import numpy as np
 import pytest
 
@@ -46,6 +48,7 @@ def _load(shared_dir, name):
     pytest.skip(f"{path} is missing")
   d = np.load(path)
   config = ml_collections.ConfigDict(json.loads(str(d["config_json"])))
+  config_defaults.complete(config)   # an official config: the fields it predates get their defaults
   sd = {k[3:]: d[k] for k in d.files if k.startswith("sd/")}
   arrays = {k: d[k] for k in d.files if not k.startswith("sd/") and k != "config_json"}
   model = get_model(config)
@@ -72,6 +75,7 @@ def test_official_matrix(rel):
   criterion; float32 reorderings give ~1e-6 (measured 5e-7 … 1.7e-6 over the matrix)."""
   d = np.load(os.path.join(MATRIX_DIR, rel))
   config = ml_collections.ConfigDict(json.loads(str(d["config_json"])))
+  config_defaults.complete(config)   # an official config: the fields it predates get their defaults
   sd = {k[3:]: d[k] for k in d.files if k.startswith("sd/")}
   model = get_model(config)
   variables = convert_torch_state_dict(config, sd)

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from score_sde_jax import config_defaults
+from score_sde_jax import draw as draw_lib
 from score_sde_jax import sde as sde_lib
 from score_sde_jax.train import checkpoint as ckpt_lib
 from score_sde_jax.train import config_utils
@@ -446,18 +447,10 @@ def _restore_and_run(*, config, workdir, progress, report, async_checkpoint, han
   def snapshot_samples(step: int):
     if "sample" not in snap_fns:
       n = int(config.sampling.num_samples)
-      sample_fn = sampling_lib.get_sampler(config, sde, (n,) + data_shape)
-
-      def draw(params, key):
-        score_fn = models_lib.get_score_fn(sde, model, params, continuous=bool(t_cfg.continuous),
-                                           train=False)
-        x, nfe = sample_fn(key, score_fn)
-        return inverse_scaler(x), nfe
-
       # Samples sharded over the devices when they divide evenly (each device draws its share).
-      out_sh = bsh if n % n_dev == 0 else rep
-      snap_fns["sample"] = jax.jit(draw, in_shardings=(rep, rep), out_shardings=(out_sh, rep))
-    key = jax.random.fold_in(jax.random.PRNGKey(int(config.seed) + 1), step)
+      snap_fns["sample"] = draw_lib.draw_program(config, sde, model, (n,) + data_shape, replicated=rep,
+                                                 out_sharding=bsh if n % n_dev == 0 else rep)
+    key = draw_lib.snapshot_key(config.seed, step)
     if snap_weights == "ema" and "young_ema_said" not in snap_fns:
       note = state_lib.young_ema_note(step, float(config.model.ema_rate), raw_hint=(
           "training.snapshot_weights='raw'"))
@@ -486,10 +479,7 @@ def _restore_and_run(*, config, workdir, progress, report, async_checkpoint, han
 
   def score_field_fn():
     if "score" not in snap_fns:
-      def sf(params, x, t):
-        return models_lib.get_score_fn(sde, model, params, continuous=bool(t_cfg.continuous),
-                                       train=False)(x, t)
-      snap_fns["score"] = jax.jit(sf)
+      snap_fns["score"] = draw_lib.score_program(config, sde, model)
     params = state.ema_params if snap_weights == "ema" else state.params
     return lambda x, t: np.asarray(snap_fns["score"](params, scaler(jnp.asarray(x)), jnp.asarray(t)))
 

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from score_sde_jax import draw as draw_lib
 from score_sde_jax import plotting
 from score_sde_jax import sde as sde_lib
 
@@ -37,13 +38,12 @@ def _test_data(config, max_points: Optional[int] = None) -> np.ndarray:
 def toy_report(config, workdir: str, state, samples=None, report=print) -> Dict[str, Any]:
   from score_sde_jax import likelihood
   from score_sde_jax import models as models_lib
-  from score_sde_jax import sampling as sampling_lib
   from score_sde_jax.train import loop
 
   t0 = time.time()
   sde = sde_lib.sde_from_config(config)
   model = models_lib.get_model(config)
-  scaler, inverse_scaler = loop.get_scalers(config)
+  scaler, _ = loop.get_scalers(config)
   from score_sde_jax.train import parallel
   params = parallel.tree_to_host(state.ema_params)
   continuous = bool(config.training.continuous)
@@ -57,13 +57,12 @@ def toy_report(config, workdir: str, state, samples=None, report=print) -> Dict[
 
   if samples is None:
     n = int(config.sampling.num_samples)
-    sample_fn = sampling_lib.get_sampler(config, sde, (n,) + x_test.shape[1:])
-    draw = jax.jit(lambda p, k: inverse_scaler(sample_fn(k, score_fn_of(p))[0]))
-    samples = np.asarray(draw(params, jax.random.PRNGKey(int(config.seed) + 3)))
+    draw = draw_lib.draw_program(config, sde, model, (n,) + x_test.shape[1:])
+    samples = np.asarray(draw(params, jax.random.PRNGKey(int(config.seed) + 3))[0])
   samples_png = plotting.save_toy_samples(
       samples, x_test, os.path.join(sample_dir, "toy_samples.png"),
       title=f"{config.data.dataset}, {config.training.sde}: test data vs EMA samples")
-  sf = jax.jit(lambda p, x, t: score_fn_of(p)(x, t))
+  sf = draw_lib.score_program(config, sde, model)
   field_png = plotting.save_score_field(
       lambda x, t: np.asarray(sf(params, scaler(jnp.asarray(x)), jnp.asarray(t))), x_test,
       os.path.join(sample_dir, "toy_score_field.png"),

@@ -1,0 +1,61 @@
+"""Drawing samples from a model's weights: the one "params → score_fn → sampler → data space" program.
+
+    draw(params, key) = inverse_scaler(sampler(key, score_fn_params))   with
+    score_fn_params(x, t) = s_θ(x, t) built from the network and the SDE (`models.get_score_fn`),
+
+compiled once per (config, batch shape) and shared by the training snapshots, `scripts/sample.py` and
+the toy report; `score_program` is the matching jitted (params, x, t) ↦ s_θ(x, t) for score-field plots.
+The batch axis of the samples is sharded over `out_sharding` (every device draws its share; params and
+key replicated), so the same key gives the same samples on any device count for samplers without batch
+coupling.
+"""
+from __future__ import annotations
+
+from typing import Callable, Tuple
+
+import jax
+
+from score_sde_jax import models, sampling
+from score_sde_jax.datasets import get_data_inverse_scaler
+
+Array = jax.Array
+
+
+def draw_program(config, sde, model, shape: Tuple[int, ...], *, replicated=None,
+                 out_sharding=None) -> Callable[[object, Array], Tuple[Array, Array]]:
+  """The jitted (params, key) ↦ (samples in data space [B, *D], nfe) of `config.sampling` for batch
+  shape `shape`.  replicated / out_sharding: the shardings of (params, key) and of the samples (None:
+  let jit decide, e.g. one device)."""
+  sample_fn = sampling.get_sampler(config, sde, shape)
+  inverse_scaler = get_data_inverse_scaler(config)
+  continuous = bool(config.training.continuous)
+
+  def draw(params, key):
+    score_fn = models.get_score_fn(sde, model, params, continuous=continuous, train=False)
+    x, nfe = sample_fn(key, score_fn)
+    return inverse_scaler(x), nfe
+
+  if replicated is None:
+    return jax.jit(draw)
+  return jax.jit(draw, in_shardings=(replicated, replicated),
+                 out_shardings=(out_sharding if out_sharding is not None else replicated, replicated))
+
+
+def score_program(config, sde, model) -> Callable[[object, Array, Array], Array]:
+  """The jitted (params, x, t) ↦ s_θ(x, t) (x in model space)."""
+  continuous = bool(config.training.continuous)
+  return jax.jit(lambda params, x, t: models.get_score_fn(sde, model, params, continuous=continuous,
+                                                          train=False)(x, t))
+
+
+def batch_key(seed: int, index: int) -> Array:
+  """The key of batch `index` of a sampling run with `seed` (scripts/sample.py's batches)."""
+  return jax.random.fold_in(jax.random.PRNGKey(int(seed)), int(index))
+
+
+def snapshot_key(seed: int, step: int) -> Array:
+  """The key of the training snapshot at `step` (config.seed + 1, folded with the step)."""
+  return jax.random.fold_in(jax.random.PRNGKey(int(seed) + 1), int(step))
+
+
+__all__ = ["draw_program", "score_program", "batch_key", "snapshot_key"]
