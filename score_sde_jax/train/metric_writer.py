@@ -1,9 +1,7 @@
-"""Scalar metrics to TensorBoard event files (and a JSON-lines copy), without TensorFlow.
+"""Scalar metrics to TensorBoard event files (and a JSON-lines copy), and the run's error log.
 
-`clu.metric_writers` needs TensorFlow for its TensorBoard writer; this module writes the event-file format
-directly: TFRecord framing (length, masked CRC-32C of the length, payload, masked CRC-32C of the payload)
-around `Event` protocol buffers holding `Summary.Value(tag, simple_value)`.  TensorBoard reads the files
-as it would TensorFlow's.  When clu's writer is importable (TensorFlow installed) it is used instead.
+TensorBoard files are written by tensorboardX (TF-free; `clu.metric_writers` needs TensorFlow for its
+TensorBoard writer).
 """
 from __future__ import annotations
 
@@ -18,62 +16,9 @@ from typing import Callable, Dict, Optional
 
 ERRORS_LOG = "errors.log"
 
-_CRC_TABLE = []
-for _i in range(256):
-  _c = _i
-  for _ in range(8):
-    _c = (_c >> 1) ^ 0x82F63B78 if _c & 1 else _c >> 1
-  _CRC_TABLE.append(_c)
-
-
-def _crc32c(data: bytes) -> int:
-  crc = 0xFFFFFFFF
-  for b in data:
-    crc = _CRC_TABLE[(crc ^ b) & 0xFF] ^ (crc >> 8)
-  return crc ^ 0xFFFFFFFF
-
-
-def _masked_crc(data: bytes) -> int:
-  crc = _crc32c(data)
-  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def _varint(n: int) -> bytes:
-  out = bytearray()
-  n &= (1 << 64) - 1
-  while True:
-    b = n & 0x7F
-    n >>= 7
-    if n:
-      out.append(b | 0x80)
-    else:
-      out.append(b)
-      return bytes(out)
-
-
-def _field(num: int, wire: int) -> bytes:
-  return _varint((num << 3) | wire)
-
-
-def _bytes_field(num: int, payload: bytes) -> bytes:
-  return _field(num, 2) + _varint(len(payload)) + payload
-
-
-def _event(wall_time: float, step: int, *, file_version: Optional[str] = None,
-           scalars: Optional[Dict[str, float]] = None) -> bytes:
-  msg = _field(1, 1) + struct.pack("<d", wall_time) + _field(2, 0) + _varint(int(step))
-  if file_version is not None:
-    msg += _bytes_field(3, file_version.encode())
-  if scalars:
-    summary = b"".join(
-        _bytes_field(1, _bytes_field(1, tag.encode()) + _field(2, 5) + struct.pack("<f", float(v)))
-        for tag, v in scalars.items())
-    msg += _bytes_field(5, summary)
-  return msg
-
 
 class MetricWriter:
-  """`write_scalars(step, {name: value})` to `<logdir>/events.out.tfevents.*` and
+  """`write_scalars(step, {name: value})` to `<logdir>/events.out.tfevents.*` (tensorboardX) and
   `<logdir>/metrics.jsonl`.  Only create it on process 0 (or pass `enabled=False`)."""
 
   def __init__(self, logdir: str, enabled: bool = True):
@@ -81,32 +26,28 @@ class MetricWriter:
     self.enabled = enabled
     if not enabled:
       return
+    from tensorboardX import SummaryWriter
     os.makedirs(logdir, exist_ok=True)
-    name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
-    self._f = open(os.path.join(logdir, name), "ab")
+    self._tb = SummaryWriter(logdir=logdir, flush_secs=30)
     self._jsonl = open(os.path.join(logdir, "metrics.jsonl"), "a")
-    self._write_record(_event(time.time(), 0, file_version="brain.Event:2"))
-
-  def _write_record(self, data: bytes) -> None:
-    header = struct.pack("<Q", len(data))
-    self._f.write(header + struct.pack("<I", _masked_crc(header)) + data +
-                  struct.pack("<I", _masked_crc(data)))
 
   def write_scalars(self, step: int, scalars: Dict[str, float]) -> None:
     if not self.enabled:
       return
     scalars = {k: float(v) for k, v in scalars.items()}
-    self._write_record(_event(time.time(), step, scalars=scalars))
+    now = time.time()
+    for tag, value in scalars.items():
+      self._tb.add_scalar(tag, value, global_step=int(step), walltime=now)
     self._jsonl.write(json.dumps({"step": int(step), **scalars}) + "\n")
 
   def flush(self) -> None:
     if self.enabled:
-      self._f.flush()
+      self._tb.flush()
       self._jsonl.flush()
 
   def close(self) -> None:
     if self.enabled:
-      self._f.close()
+      self._tb.close()
       self._jsonl.close()
       self.enabled = False
 
@@ -170,59 +111,18 @@ class DivertToErrorLog(logging.Filter):
 
 
 def read_scalars(path: str):
-  """[(step, tag, value)] from one event file written by MetricWriter (for tests and quick checks)."""
+  """[(step, tag, value)] from one TensorBoard event file (for tests and quick checks).  The records'
+  framing (length, CRC, payload, CRC) is read here; the payloads are parsed by tensorboardX's Event
+  protocol buffer (TensorFlow's and tensorboard's readers are the alternatives, both heavy)."""
+  from tensorboardX.proto import event_pb2
   out = []
   with open(path, "rb") as f:
     data = f.read()
   pos = 0
   while pos + 12 <= len(data):
     (n,) = struct.unpack("<Q", data[pos:pos + 8])
-    rec = data[pos + 12:pos + 12 + n]
+    event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
     pos += 12 + n + 4
-    step, i, tags = 0, 0, []
-
-    def varint(buf, j):
-      shift = val = 0
-      while True:
-        b = buf[j]
-        j += 1
-        val |= (b & 0x7F) << shift
-        shift += 7
-        if not b & 0x80:
-          return val, j
-
-    while i < len(rec):
-      key, i = varint(rec, i)
-      num, wire = key >> 3, key & 7
-      if wire == 1:
-        i += 8
-      elif wire == 0:
-        val, i = varint(rec, i)
-        if num == 2:
-          step = val
-      elif wire == 2:
-        ln, i = varint(rec, i)
-        payload = rec[i:i + ln]
-        i += ln
-        if num == 5:
-          j = 0
-          while j < len(payload):
-            _, j = varint(payload, j)
-            vl, j = varint(payload, j)
-            value = payload[j:j + vl]
-            j += vl
-            k, tag, v = 0, None, None
-            while k < len(value):
-              kk, k = varint(value, k)
-              if kk >> 3 == 1:
-                tl, k = varint(value, k)
-                tag = value[k:k + tl].decode()
-                k += tl
-              elif (kk & 7) == 5:
-                (v,) = struct.unpack("<f", value[k:k + 4])
-                k += 4
-            tags.append((tag, v))
-      elif wire == 5:
-        i += 4
-    out.extend((step, t, v) for t, v in tags)
+    for v in event.summary.value:
+      out.append((int(event.step), v.tag, float(v.simple_value)))
   return out
