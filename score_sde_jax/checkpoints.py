@@ -279,11 +279,11 @@ def _read_workdir(path: str, config, weights: str, step: Optional[int]):
 def expected_shapes(config) -> Dict[str, Any]:
   """The variables tree of `get_model(config)` as training creates it, as ShapeDtypeStructs (no
   computation)."""
+  from score_sde_jax import datasets
   from score_sde_jax.models import get_model
-  from score_sde_jax.train import restore
   from score_sde_jax.train import state as state_lib
   model = get_model(config)
-  shape = (1,) + restore.data_shape(config)
+  shape = (1,) + datasets.data_shape(config)
   return jax.eval_shape(lambda k: state_lib.init_variables(config, model, k, shape), jax.random.PRNGKey(0))
 
 

@@ -37,71 +37,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from score_sde_jax import bound as bound_lib
-from score_sde_jax import checks
+from score_sde_jax import config_defaults
+from score_sde_jax.eval_settings import EvalError, EvalSettings, settings_from_config  # noqa: F401
 from score_sde_jax import likelihood
 from score_sde_jax import sde as sde_lib
 
 Array = jax.Array
 
 
-class EvalError(RuntimeError):
-  """A missing workdir/checkpoint or an evaluation config that cannot work (message says what to do)."""
-
-
 # ---------------------------------------------------------------------------------------------------
 # Settings, checkpoints, the results file
 # ---------------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class EvalSettings:
-  split: str
-  batch_size: int
-  num_repeats: int
-  divergence: str
-  num_probes: int
-  rtol: float
-  atol: float
-  eps: float
-  solver: str
-  seed: int
-  bound: bool
-  bound_num_t: int
-  max_examples: Optional[int]
-
-
-def settings_from_config(config, *, batch_size: Optional[int] = None, max_examples: Optional[int] = None,
-                         seed: Optional[int] = None, num_devices: int = 1, bound: bool = True,
-                         bound_num_t: int = 16) -> EvalSettings:
-  """Validated evaluation settings from `config.eval` (clear ValueError on bad values)."""
-  if "eval" not in config:
-    raise EvalError("the config has no 'eval' section (use a config built from score_sde_jax.config_defaults).")
-  ev = config.eval
-  bs = int(ev.batch_size if batch_size is None else batch_size)
-  checks.check_positive_int("eval.batch_size", bs)
-  n = int(num_devices)
-  if bs % n:
-    bs = -(-bs // n) * n   # pad the global batch to a multiple of the device count
-  num_repeats = ev.num_repeats
-  checks.check_positive_int("eval.num_repeats", num_repeats)
-  divergence = checks.check_choice("eval.divergence", ev.divergence, likelihood.DIVERGENCES)
-  num_probes = ev.num_probes
-  checks.check_positive_int("eval.num_probes", num_probes)
-  rtol, atol, eps = ev.rtol, ev.atol, ev.eps
-  solver = checks.normalize_name(ev.solver)
-  from score_sde_jax import ode as ode_lib
-  ode_lib.check_solver_args(solver, rtol, atol, None)
-  checks.check_eps(eps, 1.0, "eval.eps")
-  split = ev.bpd_dataset
-  if not isinstance(split, str) or not split:
-    raise ValueError(f"eval.bpd_dataset must be a split name such as 'test'; got {split!r}.")
-  if max_examples is not None:
-    checks.check_positive_int("max_examples", max_examples)
-  checks.check_positive_int("bound_num_t", bound_num_t)
-  return EvalSettings(split=split, batch_size=bs, num_repeats=int(num_repeats), divergence=divergence,
-                      num_probes=int(num_probes), rtol=float(rtol), atol=float(atol), eps=float(eps),
-                      solver=solver, seed=int(config.seed if seed is None else seed), bound=bool(bound),
-                      bound_num_t=int(bound_num_t), max_examples=max_examples)
-
-
 def _train_hint(workdir: str) -> str:
   return (f"Train first, e.g. `python scripts/train.py --config <config.py> --workdir {workdir}`, or pass "
           f"the --workdir of a finished training run.")
@@ -334,7 +280,7 @@ def evaluate_likelihood(config, workdir: str, *, checkpoints="latest", devices: 
   the same step differs in what.
   """
   from score_sde_jax import models
-  from score_sde_jax.train import config_utils, loop, parallel
+  from score_sde_jax.train import config_utils, parallel
   process0 = jax.process_index() == 0
   if report is None:
     report = print if process0 else (lambda *_: None)
@@ -346,7 +292,7 @@ def evaluate_likelihood(config, workdir: str, *, checkpoints="latest", devices: 
     raise EvalError(str(e)) from e
   s = settings_from_config(config, batch_size=batch_size, max_examples=max_examples, seed=seed,
                            num_devices=n_dev, bound=bound, bound_num_t=bound_num_t)
-  toy = loop.is_toy(config)
+  toy = config_defaults.is_toy(config)
   if pretrained is not None:
     params = pretrained.variables
     steps = [pretrained.step if pretrained.step is not None else -1]
@@ -357,7 +303,9 @@ def evaluate_likelihood(config, workdir: str, *, checkpoints="latest", devices: 
   sde = sde_lib.sde_from_config(config)
   model = models.get_model(config)
   try:
-    it = loop.open_eval_iterator(config, s.batch_size, s.split)
+    from score_sde_jax import datasets
+    it = datasets.get_eval_iterator(config, s.split, batch_size=s.batch_size,
+                                    process_index=jax.process_index(), process_count=jax.process_count())
   except Exception as e:  # noqa: BLE001
     raise EvalError(f"cannot open split {s.split!r} of data.dataset={config.data.dataset!r} "
                     f"(eval.bpd_dataset): {type(e).__name__}: {e}") from e

@@ -87,7 +87,7 @@ def _main():
   import numpy as np
   from tqdm.auto import tqdm
 
-  from score_sde_jax import checkpoints, models, plotting, sde as sde_lib
+  from score_sde_jax import checkpoints, datasets, models, plotting, sde as sde_lib
   from score_sde_jax import draw as draw_lib
   from score_sde_jax.train import config_utils, loop, parallel, restore
   from score_sde_jax.train import state as state_lib
@@ -133,7 +133,7 @@ def _main():
                                    f"--config.section.field=value)") from None
   sde = sde_lib.sde_from_config(config)
   model = models.get_model(config)
-  shape = (bs,) + restore.data_shape(config)
+  shape = (bs,) + datasets.data_shape(config)
   rep, bsh = parallel.replicated(mesh), parallel.batch_sharding(mesh)
   # Every process reads (a workdir checkpoint is restored onto this run's mesh, whatever wrote it).
   pre = checkpoints.read_pretrained(source, config, weights=FLAGS.weights, step=FLAGS.step)

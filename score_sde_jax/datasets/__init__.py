@@ -16,6 +16,16 @@ from score_sde_jax.datasets.images import (
 )
 
 
+def data_shape(config):
+  """Shape of one example in model space: (D,) for toy data, (H, W, C) for images."""
+  from score_sde_jax import config_defaults  # pylint: disable=import-outside-toplevel
+  if config_defaults.is_toy(config):
+    from score_sde_jax.datasets import toy  # pylint: disable=import-outside-toplevel
+    return (int(toy.get_toy_dataset(config.data.dataset).dim),)
+  size = int(config.data.image_size)
+  return (size, size, int(config.data.num_channels))
+
+
 def __getattr__(name):
   if name == "toy":
     import importlib  # pylint: disable=import-outside-toplevel
@@ -24,7 +34,7 @@ def __getattr__(name):
 
 
 __all__ = [
-    "IMAGE_DATASETS", "DataError", "EvalIterator", "MnistDataError", "TrainIterator", "default_mnist_source_dir",
+    "IMAGE_DATASETS", "DataError", "data_shape", "EvalIterator", "MnistDataError", "TrainIterator", "default_mnist_source_dir",
     "get_data_inverse_scaler", "get_data_scaler", "get_dataset_info", "get_eval_iterator", "get_train_iterator",
     "prepare_mnist", "toy",
 ]

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import difflib
-import importlib.util
 import json
 import os
 import re
@@ -33,6 +32,7 @@ def load_config_file(path: str, config_string: Optional[str] = None) -> ml_colle
   if not os.path.isfile(path):
     raise FileNotFoundError(f"config file {path!r} does not exist")
   import importlib.machinery
+  import importlib.util
   name = "score_sde_config_" + re.sub(r"\W", "_", os.path.splitext(os.path.basename(path))[0])
   loader = importlib.machinery.SourceFileLoader(name, path)
   spec = importlib.util.spec_from_loader(name, loader)
@@ -201,7 +201,7 @@ def _build_errors(config) -> List[str]:
 
   from score_sde_jax import losses, models, sampling
   from score_sde_jax import sde as sde_lib
-  from score_sde_jax.train import restore
+  from score_sde_jax import datasets
   errors = []
 
   def attempt(section, fn):
@@ -213,7 +213,7 @@ def _build_errors(config) -> List[str]:
       return None
 
   sde = attempt("training.sde", lambda: sde_lib.sde_from_config(config))
-  shape = attempt("data", lambda: (1,) + restore.data_shape(config))
+  shape = attempt("data", lambda: (1,) + datasets.data_shape(config))
   model = attempt("model", lambda: models.get_model(config))
   if model is not None and shape is not None:
     from score_sde_jax.train import state as state_lib
@@ -224,8 +224,8 @@ def _build_errors(config) -> List[str]:
   if sde is not None and shape is not None:
     attempt("sampling", lambda: sampling.get_sampler(config, sde, shape))
   if "eval" in config:
-    from score_sde_jax import evaluation
-    attempt("eval", lambda: evaluation.settings_from_config(config))
+    from score_sde_jax import eval_settings
+    attempt("eval", lambda: eval_settings.settings_from_config(config))
   return errors
 
 

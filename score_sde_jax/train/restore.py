@@ -9,7 +9,7 @@ evaluation.
 * `restore_state(config, workdir, step=None)` — the reading paths (`scripts/sample.py`,
   `scripts/evaluate.py`, `checkpoints.load_pretrained`): a read-only Checkpointer around
   `restore_checkpoint`.  Nothing under the workdir is created, moved, renamed or deleted.
-* `load_workdir_config(workdir)`, `data_shape(config)`, `abstract_train_state(config, mesh)`.
+* `load_workdir_config(workdir)`, `abstract_train_state(config, mesh)`.
 
 What is identical across topologies (1 ↔ N devices, n ↔ m hosts):
 
@@ -35,6 +35,7 @@ from typing import Any, Callable, Optional, Tuple
 import jax
 import ml_collections
 
+from score_sde_jax import datasets
 from score_sde_jax.train import checkpoint as ckpt_lib
 from score_sde_jax.train import config_utils
 from score_sde_jax.train import state as state_lib
@@ -49,23 +50,13 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
   return config_utils.complete_config(ml_collections.ConfigDict(saved))
 
 
-def data_shape(config) -> Tuple[int, ...]:
-  """Shape of one example in model space: (D,) for toy data, (H, W, C) for images."""
-  from score_sde_jax.train.loop import is_toy
-  if is_toy(config):
-    from score_sde_jax.datasets import toy
-    return (int(toy.get_toy_dataset(config.data.dataset).dim),)
-  size = int(config.data.image_size)
-  return (size, size, int(config.data.num_channels))
-
-
 def abstract_train_state(config, mesh=None, tx=None, shape: Optional[Tuple[int, ...]] = None):
   """The TrainState of `config` as ShapeDtypeStructs replicated over `mesh` (default: every device of
   every host); no computation."""
   from score_sde_jax import models
   from score_sde_jax.train import parallel
   model = models.get_model(config)
-  shape = (1,) + tuple(shape if shape is not None else data_shape(config))
+  shape = (1,) + tuple(shape if shape is not None else datasets.data_shape(config))
   abstract = jax.eval_shape(lambda k: state_lib.create_train_state(config, model, k, shape, tx),
                             jax.random.PRNGKey(0))
   rep = parallel.replicated(mesh if mesh is not None else parallel.make_mesh())
