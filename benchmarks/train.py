@@ -29,7 +29,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   import jax
   import numpy as np
-  from score_sde_jax import config_defaults, models, sde as sde_lib
+  from score_sde_jax import config_defaults, datasets, models, sde as sde_lib
   from score_sde_jax import train as train_lib
   from score_sde_jax.train import loop, parallel
 
@@ -50,7 +50,7 @@ def main(argv):
   model = models.get_model(config)
   it = loop.open_train_iterator(config, bs)
   host = next(it)
-  scaler, _ = loop.get_scalers(config)
+  scaler = datasets.get_data_scaler(config)
   rep, bsh = parallel.replicated(mesh), parallel.batch_sharding(mesh)
   step = train_lib.make_train_step(config, sde, model, scaler=scaler)
   state = jax.jit(lambda k: train_lib.create_train_state(config, model, k, host["image"].shape),

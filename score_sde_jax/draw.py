@@ -58,4 +58,48 @@ def snapshot_key(seed: int, step: int) -> Array:
   return jax.random.fold_in(jax.random.PRNGKey(int(seed) + 1), int(step))
 
 
-__all__ = ["draw_program", "score_program", "batch_key", "snapshot_key"]
+def draw_batches(draw, params, *, seed: int, total: int, batch_size: int, replicated, progress: bool = False,
+                 desc: str = "sampling"):
+  """`total` samples from `draw` (a `draw_program`) in batches of `batch_size`, batch i drawn with
+  `batch_key(seed, i)`; every host gets all of them (gathered).  Returns (samples [total, *D] numpy,
+  the NFE of each batch, seconds).  A tqdm bar with the NFE when `progress`."""
+  import time
+
+  import numpy as np
+  from tqdm.auto import tqdm
+
+  from score_sde_jax.train import parallel
+  out, nfes = [], []
+  t0 = time.time()
+  with tqdm(total=total, unit="sample", desc=desc, disable=not progress) as bar:
+    for i in range(-(-total // batch_size)):
+      x, nfe = draw(params, jax.device_put(batch_key(seed, i), replicated))
+      x = parallel.to_host(x)      # gathered from every host
+      out.append(x)
+      nfes.append(int(parallel.to_host(nfe)))
+      bar.update(min(len(x), total - bar.n))
+      bar.set_postfix(nfe=nfes[-1])
+  return np.concatenate(out)[:total], nfes, time.time() - t0
+
+
+def save_samples(config, samples, path: str, *, nfes, step: int, **provenance) -> str:
+  """Writes samples (data space) to `path` (.npz: `samples`, `nfe`, `step` and `provenance`) and a PNG beside
+  it (an image grid of up to 256, or a scatter over the test data for toy data); returns the PNG's path."""
+  import os
+
+  import numpy as np
+
+  from score_sde_jax import config_defaults, plotting
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  np.savez(path, samples=samples, nfe=np.asarray(nfes), step=step, **provenance)
+  png = os.path.splitext(path)[0] + ".png"
+  if config_defaults.is_toy(config):
+    from score_sde_jax import datasets
+    plotting.save_toy_samples(samples, datasets.test_points(config), png,
+                              title=f"step {step}: {config.sampling.method} samples vs test data")
+  else:
+    plotting.save_image_grid(samples[:min(len(samples), 256)], png)
+  return png
+
+
+__all__ = ["draw_program", "draw_batches", "save_samples", "score_program", "batch_key", "snapshot_key"]

@@ -63,10 +63,8 @@ def define_flags(fv):
   flags.DEFINE_bool("bound", True, "Also compute ScoreFlow's variational bound.", flag_values=fv)
   flags.DEFINE_integer("bound_num_t", 16, "Monte Carlo draws of t per example for the bound.",
                        flag_values=fv)
-  flags.DEFINE_bool("multihost", False, "Multi-host run (also: SCORE_SDE_DISTRIBUTED=1): every host runs the "
-                    "same command; JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID where the "
-                    "cluster is not detected (TPU pods, SLURM).", flag_values=fv)
-  flags.DEFINE_bool("progress", True, "Show a progress bar.", flag_values=fv)
+  from score_sde_jax.train import cli
+  cli.define_run_flags(fv)
 
 
 def main(fv):

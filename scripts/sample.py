@@ -16,16 +16,9 @@ or a scatter beside test data for toy data).  The output directory is `--workdir
 `<checkpoint>_outputs/` beside the checkpoint.  Nothing is written next to the checkpoints themselves,
 and nothing in the workdir is moved or renamed: a checkpoint that cannot be read is skipped with one line.
 
-Any topology: a checkpoint written on any number of devices or hosts restores here (`train/restore.py`).
-Batch i draws its noise from fold_in(PRNGKey(--seed), i), whatever the sharding, and each device draws
-its share of it: with a `--batch_size` that divides by the device counts involved, the samples do not
-depend on the device or host count, up to float rounding (batch means such as the Langevin corrector's
-step size are summed in another order).  A batch size that does not divide is rounded down to a multiple
-of the device count (with a note).
-
-Multi-host (`--multihost` or SCORE_SDE_DISTRIBUTED=1, every host runs the same command; README "Sampling
-and evaluating on a pod"): each host's devices draw their share of every batch, the samples are gathered,
-and process 0 alone writes the one .npz (exactly `--num_samples` samples) and the PNG.
+Any topology, many hosts (`--multihost`): README "Sampling and evaluating on a pod".  Batch i draws its
+noise from fold_in(PRNGKey(--seed), i) whatever the sharding; a `--batch_size` that does not divide by
+the device count is rounded down to a multiple of it (with a note).
 
 `--set a.b=value` is strict: a key the config does not have (at any depth) is an error naming the
 closest one, and the value must have the field's type.  When the EMA weights of a young checkpoint are
@@ -36,7 +29,6 @@ traceback), 4 another process of a multi-host run stopped.
 """
 import os
 import sys
-import time
 
 FLAGS = None   # the parsed flags (score_sde_jax.train.cli.run gives every run its own)
 
@@ -63,10 +55,8 @@ def define_flags(fv):
   flags.DEFINE_integer("seed", 0, "Sampling seed.", flag_values=fv)
   flags.DEFINE_string("out", None, "Output .npz path (default: <workdir>/samples/sample_<step>.npz).",
                       flag_values=fv)
-  flags.DEFINE_bool("multihost", False, "Multi-host run (also: SCORE_SDE_DISTRIBUTED=1): every host runs the "
-                    "same command; JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID where the "
-                    "cluster is not detected (TPU pods, SLURM).", flag_values=fv)
-  flags.DEFINE_bool("progress", True, "Show a progress bar.", flag_values=fv)
+  from score_sde_jax.train import cli
+  cli.define_run_flags(fv)
 
 
 def main(fv):
@@ -85,11 +75,10 @@ def run(argv=None) -> int:
 def _main():
   import jax
   import numpy as np
-  from tqdm.auto import tqdm
 
-  from score_sde_jax import checkpoints, datasets, models, plotting, sde as sde_lib
+  from score_sde_jax import checkpoints, datasets, models, sde as sde_lib
   from score_sde_jax import draw as draw_lib
-  from score_sde_jax.train import config_utils, loop, parallel, restore
+  from score_sde_jax.train import config_utils, parallel, restore
   from score_sde_jax.train import state as state_lib
 
   process0 = jax.process_index() == 0
@@ -114,11 +103,9 @@ def _main():
   mesh = parallel.make_mesh()
   n_dev = mesh.devices.size
   total = FLAGS.num_samples or int(config.sampling.num_samples)
-  if total < 1:
-    raise ValueError(f"sampling.num_samples must be positive; got {total}.")
   bs = FLAGS.batch_size or min(total, int(config.eval.batch_size))
-  if bs < 1:
-    raise ValueError(f"eval.batch_size must be positive; got {bs}.")
+  if total < 1 or bs < 1:
+    raise ValueError(f"sampling.num_samples ({total}) and eval.batch_size ({bs}) must be positive.")
   if bs % n_dev:
     # Padding would change the samples of batch-coupled samplers (the Langevin corrector's step size is a
     # batch mean), so the batch is rounded instead.
@@ -145,37 +132,16 @@ def _main():
     note = state_lib.young_ema_note(pre.step, float(config.model.ema_rate))
     if note:
       say(note)
-
   draw = draw_lib.draw_program(config, sde, model, shape, replicated=rep, out_sharding=bsh)
   params = parallel.replicate(pre.variables, mesh)
-  out, nfes = [], []
-  t0 = time.time()
-  num_batches = -(-total // bs)
-  with tqdm(total=total, unit="sample", desc=f"sampling ({config.sampling.method})",
-            disable=not (FLAGS.progress and process0)) as bar:
-    for i in range(num_batches):
-      key = jax.device_put(draw_lib.batch_key(FLAGS.seed, i), rep)
-      x, nfe = draw(params, key)
-      x = parallel.to_host(x)      # gathered from every host
-      out.append(x)
-      nfes.append(int(parallel.to_host(nfe)))
-      bar.update(min(len(x), total - bar.n))
-      bar.set_postfix(nfe=nfes[-1])
-  samples = np.concatenate(out)[:total]
-  seconds = time.time() - t0
+  samples, nfes, seconds = draw_lib.draw_batches(
+      draw, params, seed=FLAGS.seed, total=total, batch_size=bs, replicated=rep,
+      progress=FLAGS.progress and process0, desc=f"sampling ({config.sampling.method})")
   if not process0:      # process 0 alone writes
     return
   path = FLAGS.out or os.path.join(out_dir, "samples", f"sample_{step:08d}.npz")
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  np.savez(path, samples=samples, nfe=np.asarray(nfes), step=step, checkpoint=pre.path,
-           fingerprint=pre.fingerprint, seed=FLAGS.seed, batch_size=bs)
-  png = os.path.splitext(path)[0] + ".png"
-  if loop.is_toy(config):
-    from score_sde_jax.train import toy_report
-    plotting.save_toy_samples(samples, toy_report._test_data(config), png,
-                              title=f"step {step}: {config.sampling.method} samples vs test data")
-  else:
-    plotting.save_image_grid(samples[:min(len(samples), 256)], png)
+  png = draw_lib.save_samples(config, samples, path, nfes=nfes, step=step, checkpoint=pre.path,
+                              fingerprint=pre.fingerprint, seed=FLAGS.seed, batch_size=bs)
   print(f"{total} samples from step {step} in {seconds:.1f}s on {n_dev} device(s), "
         f"{jax.process_count()} process(es) (mean NFE {np.mean(nfes):.0f}) -> {path} and {png}")
 

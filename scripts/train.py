@@ -32,10 +32,8 @@ def define_flags(fv):
   flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.", flag_values=fv)
   flags.DEFINE_bool("force_resume", False, "Resume even if the saved config differs in model/data/optim "
                     "(the checkpoints must still fit the new config's train state).", flag_values=fv)
-  flags.DEFINE_bool("multihost", False, "Multi-host run (also: SCORE_SDE_DISTRIBUTED=1): every host runs the "
-                    "same command; JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID where the "
-                    "cluster is not detected (TPU pods, SLURM).", flag_values=fv)
-  flags.DEFINE_bool("progress", True, "Show a progress bar.", flag_values=fv)
+  from score_sde_jax.train import cli
+  cli.define_run_flags(fv)
   flags.DEFINE_bool("toy_report", True, "For toy data: pictures and test NLL after training.", flag_values=fv)
   flags.mark_flags_as_required(["config", "workdir"], flag_values=fv)
 

@@ -1,6 +1,6 @@
 """The Flax FID Inception-v3 (`score_sde_jax.metrics.inception`) equals pytorch-fid's on random weights.
 
-tests/data/inception_fixture.npz (scripts/make_inception_fixture.py, with torch + pytorch-fid) holds the
+tests/data/inception_fixture.npz (tests/data/make_inception_fixture.py, with torch + pytorch-fid) holds the
 recipe of random weights, uint8 input batches of four sizes (up-, down- and no resize to 299x299) and
 pytorch-fid's pool_3 and logits on them; here the same weights are rebuilt in numpy, converted, and run.
 
@@ -26,7 +26,7 @@ TOL = 1e-4
 
 def _script():
   spec = importlib.util.spec_from_file_location("make_inception_fixture",
-                                                os.path.join(REPO, "scripts", "make_inception_fixture.py"))
+                                                os.path.join(REPO, "tests", "data", "make_inception_fixture.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)  # torch is imported only inside main()
   return module

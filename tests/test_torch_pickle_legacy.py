@@ -2,7 +2,7 @@
 torch_pickle's allow-list.
 
 tests/data/torch_legacy_cases.pth was written by torch itself (`torch.save(..., _use_new_zipfile_serialization
-=False)`, scripts/make_inception_fixture.py --only legacy), with torch's own conversion of every tensor in
+=False)`, tests/data/make_inception_fixture.py --only legacy), with torch's own conversion of every tensor in
 torch_legacy_cases_expected.npz; the malformed files below are built by hand.
 """
 import io

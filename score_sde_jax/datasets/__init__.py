@@ -26,6 +26,21 @@ def data_shape(config):
   return (size, size, int(config.data.num_channels))
 
 
+def test_points(config, max_points=None):
+  """The (first `max_points`) points of the test split of a toy dataset, float32 [N, D], on this host."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  it = get_eval_iterator(config, "test", batch_size=int(config.eval.batch_size),
+                         process_index=jax.process_index(), process_count=jax.process_count())
+  xs = []
+  for b in it:
+    xs.append(np.asarray(b["image"], np.float32)[np.asarray(b["mask"], bool)])
+    if max_points and sum(len(x) for x in xs) >= max_points:
+      break
+  x = np.concatenate(xs)
+  return x[:max_points] if max_points else x
+
+
 def __getattr__(name):
   if name == "toy":
     import importlib  # pylint: disable=import-outside-toplevel
@@ -34,7 +49,7 @@ def __getattr__(name):
 
 
 __all__ = [
-    "IMAGE_DATASETS", "DataError", "data_shape", "EvalIterator", "MnistDataError", "TrainIterator", "default_mnist_source_dir",
+    "IMAGE_DATASETS", "DataError", "data_shape", "test_points", "EvalIterator", "MnistDataError", "TrainIterator", "default_mnist_source_dir",
     "get_data_inverse_scaler", "get_data_scaler", "get_dataset_info", "get_eval_iterator", "get_train_iterator",
     "prepare_mnist", "toy",
 ]

@@ -30,7 +30,7 @@ Public interface:
   299x299 (`F.interpolate(mode='bilinear', align_corners=False)`, no antialiasing), then `2x - 1`.
 
 Equality with pytorch-fid is tested on random weights (tests/test_inception.py, fixture written by
-scripts/make_inception_fixture.py with torch and pytorch-fid): relative error <= 1e-4.
+tests/data/make_inception_fixture.py with torch and pytorch-fid): relative error <= 1e-4.
 """
 from __future__ import annotations
 

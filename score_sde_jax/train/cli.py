@@ -275,6 +275,15 @@ def start_and_run(fv, fn: Callable[[], Optional[int]], *, user_errors: Tuple[Typ
   return None
 
 
+def define_run_flags(fv) -> None:
+  """The flags every running script shares: --multihost and --progress."""
+  from absl import flags
+  flags.DEFINE_bool("multihost", False, "Multi-host run (also: SCORE_SDE_DISTRIBUTED=1): every host runs the "
+                    "same command; JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID where the "
+                    "cluster is not detected (TPU pods, SLURM).", flag_values=fv)
+  flags.DEFINE_bool("progress", True, "Show a progress bar.", flag_values=fv)
+
+
 def argument_parser(**kwargs):
   """An `argparse.ArgumentParser` whose errors (a missing or bad option) are one `ERROR:` line with exit
   status 2 (argparse prints the usage and the error on several lines), with a --verbose flag."""

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import signal
 import sys
@@ -35,22 +34,19 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from score_sde_jax import config_defaults
-from score_sde_jax import draw as draw_lib
+from score_sde_jax import datasets
 from score_sde_jax import sde as sde_lib
+from score_sde_jax.train import actions
 from score_sde_jax.train import checkpoint as ckpt_lib
+from score_sde_jax.train.actions import NonFiniteLossError  # noqa: F401  (re-exported)
 from score_sde_jax.train import config_utils
 from score_sde_jax.train import metric_writer
 from score_sde_jax.train import parallel
 from score_sde_jax.train import state as state_lib
 from score_sde_jax.train import step as step_lib
-
-
-class NonFiniteLossError(FloatingPointError):
-  """The loss became NaN or Inf; nothing was saved after the last good checkpoint."""
 
 
 class DataError(config_utils.ConfigError):
@@ -77,20 +73,10 @@ class TrainResult:
 is_toy = config_defaults.is_toy
 
 
-def _datasets():
-  from score_sde_jax import datasets
-  return datasets
-
-
-def get_scalers(config):
-  ds = _datasets()
-  return ds.get_data_scaler(config), ds.get_data_inverse_scaler(config)
-
-
 def open_train_iterator(config, batch_size: int):
   """This host's training iterator (its 1/process_count share of every global batch of `batch_size`),
   with a clear error when the data is missing."""
-  ds = _datasets()
+  ds = datasets
   # tfds warns about every folder it probes ("Variant folder ... has no dataset_info.json"): when the data
   # is missing, the DataError below says what to do, in one line.
   quiet = _DropBelowError("tensorflow_datasets")
@@ -115,13 +101,6 @@ class _DropBelowError(logging.Filter):
 
   def filter(self, record: logging.LogRecord) -> bool:
     return record.levelno >= logging.ERROR or self.where not in record.pathname
-
-
-def open_eval_iterator(config, batch_size: int, split: str = "test"):
-  """This host's share of the evaluation split, in global batches of `batch_size` (padded, 'mask')."""
-  ds = _datasets()
-  return ds.get_eval_iterator(config, split, batch_size=batch_size, process_index=jax.process_index(),
-                              process_count=jax.process_count())
 
 
 class _SignalCatcher:
@@ -188,10 +167,7 @@ def train(config, workdir: str, *, devices: Optional[Sequence] = None, force_res
   config_utils.complete_config(config, report)
   for w in config_utils.validate_config(config, n_dev):
     report(f"config note: {w}")
-  t_cfg = config.training
-  n_iters = int(t_cfg.n_iters)
-  n_jit = max(1, int(t_cfg.n_jitted_steps))
-  global_batch = int(t_cfg.batch_size)
+  global_batch = int(config.training.batch_size)
   host_batch = parallel.local_batch_size(global_batch, mesh)
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise config_utils.ConfigError(f"--workdir {workdir} exists and is not a directory: pass a directory "
@@ -214,7 +190,7 @@ def train(config, workdir: str, *, devices: Optional[Sequence] = None, force_res
           f"config builds ({problem}; changed: {', '.join(k for k, _, _ in diffs[:8])}). Nothing was "
           f"written. Train this config in a new --workdir.")
   train_iter = open_train_iterator(config, global_batch)
-  scaler, inverse_scaler = get_scalers(config)
+  scaler = datasets.get_data_scaler(config)
 
   # ---- from here on the workdir is written: one training at a time (train/lock.py) ---------------------
   try:
@@ -236,11 +212,10 @@ def train(config, workdir: str, *, devices: Optional[Sequence] = None, force_res
   ok = False
   try:
     result = _train_locked(
-        config=config, workdir=workdir, force_resume=force_resume, progress=progress, report=report,
-        async_checkpoint=async_checkpoint, handle_signals=handle_signals, keep_history=keep_history,
-        on_step=on_step, process0=process0, mesh=mesh, n_dev=n_dev, t_cfg=t_cfg, n_iters=n_iters,
-        n_jit=n_jit, global_batch=global_batch, host_batch=host_batch, ckpt_dir=ckpt_dir, diffs=diffs,
-        train_iter=train_iter, scaler=scaler, inverse_scaler=inverse_scaler, log_dir=log_dir)
+        config=config, workdir=workdir, progress=progress, report=report, async_checkpoint=async_checkpoint,
+        handle_signals=handle_signals, keep_history=keep_history, on_step=on_step, process0=process0,
+        mesh=mesh, n_dev=n_dev, global_batch=global_batch, host_batch=host_batch, ckpt_dir=ckpt_dir,
+        diffs=diffs, train_iter=train_iter, scaler=scaler, log_dir=log_dir)
     ok = True
     if keep_lock:
       result.lock = lock
@@ -276,324 +251,154 @@ def _state_mismatch(workdir: str, config, mesh) -> Optional[str]:
   return None
 
 
-def _train_locked(*, config, workdir, force_resume, progress, report, async_checkpoint, handle_signals,
-                  keep_history, on_step, process0, mesh, n_dev, t_cfg, n_iters, n_jit, global_batch,
-                  host_batch, ckpt_dir, diffs, train_iter, scaler, inverse_scaler, log_dir):
-  """The part of `train` that runs with the workdir locked."""
-  del force_resume
-  sample_dir = os.path.join(workdir, "samples")
-
-  # ---- model, state, compiled functions -----------------------------------------------------------
+def _train_locked(*, config, workdir, progress, report, async_checkpoint, handle_signals, keep_history, on_step,
+                  process0, mesh, n_dev, global_batch, host_batch, ckpt_dir, diffs, train_iter, scaler,
+                  log_dir) -> TrainResult:
+  """The part of `train` that runs with the workdir locked: build, restore (or initialise), loop."""
   from score_sde_jax import models as models_lib
-  from score_sde_jax import sampling as sampling_lib
+  from score_sde_jax.train import restore as restore_lib
 
+  t_cfg = config.training
   sde = sde_lib.sde_from_config(config)
   model = models_lib.get_model(config)
   tx, lr_fn = state_lib.get_optimizer(config)
-  first = next(train_iter)
+  first = next(train_iter)    # the batch of step 1 (a run restored from a checkpoint refetches its own)
   if np.asarray(first["image"]).shape[0] != host_batch:
     raise DataError(f"the training iterator yields batches of {np.asarray(first['image']).shape[0]} "
                     f"examples on this host; expected {host_batch} (global batch {global_batch} over "
                     f"{jax.process_count()} host(s)).")
   data_shape = tuple(np.asarray(first["image"]).shape[1:])
-  rep = parallel.replicated(mesh)
-  bsh = parallel.batch_sharding(mesh)
-  bsh_multi = parallel.batch_sharding(mesh, leading_axes=1)
-
-  init_key = jax.random.PRNGKey(int(config.seed))
+  rep, bsh = parallel.replicated(mesh), parallel.batch_sharding(mesh)
   create = jax.jit(lambda k: state_lib.create_train_state(config, model, k, (1,) + data_shape, tx),
                    out_shardings=rep)
-  abstract = jax.eval_shape(create, init_key)
   abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep),
-                                    abstract)
-
-  snapshot_freq = int(t_cfg.snapshot_freq)
-  preempt_freq = int(t_cfg.snapshot_freq_for_preemption)
-  checkpointer = ckpt_lib.Checkpointer(workdir, snapshot_freq=snapshot_freq, async_save=async_checkpoint)
-  # The one restore (train/restore.py): onto this run's mesh, whatever topology wrote the checkpoint.
-  from score_sde_jax.train import restore as restore_lib
+                                    jax.eval_shape(create, jax.random.PRNGKey(int(config.seed))))
+  checkpointer = ckpt_lib.Checkpointer(workdir, snapshot_freq=int(t_cfg.snapshot_freq),
+                                       async_save=async_checkpoint)
   try:
-    return _restore_and_run(**locals())
+    # The one restore (train/restore.py): onto this run's mesh, whatever topology wrote the checkpoint.
+    restored = restore_lib.restore_checkpoint(checkpointer, abstract, mesh=mesh, report=report)
+    if restored is not None:
+      state, first = restored.state, None
+      _resume_data(restored, train_iter, ckpt_dir, n_dev, report)
+    else:
+      state = create(jax.random.PRNGKey(int(config.seed)))
+    # The resume succeeded: now the workdir's config is replaced (the one the earlier steps were trained
+    # with is kept as config.superseded.<time>.json).
+    if diffs and process0:
+      os.replace(os.path.join(workdir, config_utils.CONFIG_FILE),
+                 os.path.join(workdir, f"config.superseded.{int(time.time())}.json"))
+    if process0:
+      config_utils.save_config(workdir, config)
+    ctx = actions.RunContext(config=config, sde=sde, model=model, scaler=scaler, mesh=mesh, rep=rep, bsh=bsh,
+                             ckpt_dir=ckpt_dir, sample_dir=os.path.join(workdir, "samples"), say=report,
+                             process0=process0)
+    steps = _compiled_steps(config, sde, model, tx, lr_fn, scaler, mesh)
+    return _loop(ctx, state, first, steps, checkpointer, train_iter, data_shape=data_shape, workdir=workdir,
+                 log_dir=log_dir, resumed_from=restored.step if restored is not None else None,
+                 global_batch=global_batch, progress=progress, handle_signals=handle_signals,
+                 keep_history=keep_history, on_step=on_step)
   finally:
     checkpointer.close()
 
 
-def _restore_and_run(*, config, workdir, progress, report, async_checkpoint, handle_signals, keep_history,
-                     on_step, process0, mesh, n_dev, t_cfg, n_iters, n_jit, global_batch, host_batch,
-                     ckpt_dir, diffs, train_iter, scaler, inverse_scaler, log_dir, sample_dir, models_lib,
-                     sampling_lib, sde, model, tx, lr_fn, first, data_shape, rep, bsh, bsh_multi, init_key,
-                     create, abstract, snapshot_freq, preempt_freq, checkpointer, restore_lib):
-  """Restore (or initialise), then the loop; `checkpointer` is closed by the caller."""
-  del async_checkpoint
-  restored = restore_lib.restore_checkpoint(checkpointer, abstract, mesh=mesh, report=report)
-  resumed_from = None
-  if restored is not None:
-    resumed_from, state, data_saved = restored.step, restored.state, restored.data
-    try:
-      data_state = ckpt_lib.decode_data_state(data_saved)
-    except ValueError as e:
-      raise DataError(f"checkpoint {resumed_from} in {ckpt_dir}: {e}") from e
-    if data_state is not None:
-      train_iter.set_state(data_state)
-    else:
-      report(f"Checkpoint {resumed_from} was converted from {data_saved['converted_from']}: the data "
-             f"starts from the beginning.")
-    first = None
-    report(f"Resuming from step {resumed_from} ({os.path.join(ckpt_dir, str(resumed_from))}).")
-    s_hosts, s_devices = restored.saved_hosts, restored.saved_devices
-    if (s_hosts is not None and s_hosts != jax.process_count()) or (s_devices is not None and
-                                                                    s_devices != n_dev):
-      report(f"The checkpoint was written on {s_devices or '?'} device(s) / {s_hosts or '?'} host(s); this run "
-             f"has {n_dev} / {jax.process_count()}: the restored state and the data order are exact, the "
-             f"following steps agree with an uninterrupted run to float rounding (the gradient all-reduce "
-             f"adds in another order).")
+def _resume_data(restored, train_iter, ckpt_dir: str, n_dev: int, report) -> None:
+  """Puts the data iterators where the checkpoint left them, and says what was resumed."""
+  step, saved = restored.step, restored.data
+  try:
+    data_state = ckpt_lib.decode_data_state(saved)
+  except ValueError as e:
+    raise DataError(f"checkpoint {step} in {ckpt_dir}: {e}") from e
+  if data_state is not None:
+    train_iter.set_state(data_state)
   else:
-    state = create(init_key)
-    # `first` is the batch of step 1; a run restored from a step-0 checkpoint refetches it.
-  start_step = int(parallel.to_host(state.step))
+    report(f"Checkpoint {step} was converted from {saved['converted_from']}: the data starts from the "
+           f"beginning.")
+  report(f"Resuming from step {step} ({os.path.join(ckpt_dir, str(step))}).")
+  hosts, devices = restored.saved_hosts, restored.saved_devices
+  if (hosts is not None and hosts != jax.process_count()) or (devices is not None and devices != n_dev):
+    report(f"The checkpoint was written on {devices or '?'} device(s) / {hosts or '?'} host(s); this run "
+           f"has {n_dev} / {jax.process_count()}: the restored state and the data order are exact, the "
+           f"following steps agree with an uninterrupted run to float rounding (the gradient all-reduce "
+           f"adds in another order).")
 
-  # The resume succeeded: now the workdir's config is replaced (the one the earlier steps were trained
-  # with is kept as config.superseded.<time>.json).
-  if diffs and process0:
-    old = os.path.join(workdir, config_utils.CONFIG_FILE)
-    os.replace(old, os.path.join(workdir, f"config.superseded.{int(time.time())}.json"))
-  if process0:
-    config_utils.save_config(workdir, config)
-  writer = metric_writer.MetricWriter(log_dir, enabled=process0)
 
+def _compiled_steps(config, sde, model, tx, lr_fn, scaler, mesh):
+  """(one step, n_jitted_steps steps or None), jitted over the mesh: (state, batch) -> (state, metrics)."""
+  rep = parallel.replicated(mesh)
   train_step = step_lib.make_train_step(config, sde, model, tx, lr_fn, scaler=scaler)
   # Donating the old state halves its memory on accelerators (orbax copies a state to host memory
   # before `save` returns).  On CPU a host copy may alias the device buffer, so nothing is donated there.
   donate = (0,) if mesh.devices.flat[0].platform != "cpu" else ()
-  p_step = jax.jit(train_step, in_shardings=(rep, bsh), out_shardings=(rep, rep), donate_argnums=donate)
-  p_multi = None
+  one = jax.jit(train_step, in_shardings=(rep, parallel.batch_sharding(mesh)), out_shardings=(rep, rep),
+                donate_argnums=donate)
+  n_jit = int(config.training.n_jitted_steps)
+  multi = None
   if n_jit > 1:
-    p_multi = jax.jit(step_lib.make_multi_step(train_step, n_jit), in_shardings=(rep, bsh_multi),
-                      out_shardings=(rep, rep), donate_argnums=donate)
+    multi = jax.jit(step_lib.make_multi_step(train_step, n_jit),
+                    in_shardings=(rep, parallel.batch_sharding(mesh, leading_axes=1)),
+                    out_shardings=(rep, rep), donate_argnums=donate)
+  return one, multi
 
-  # ---- helpers ------------------------------------------------------------------------------------
-  pending: List = []          # (first step, metrics on device, number of steps)
-  history: List[Dict[str, float]] = []
-  last_saved = {"step": resumed_from}
-  t_last = {"time": time.time(), "step": start_step}
+
+def _loop(ctx, state, first, steps, checkpointer, train_iter, *, data_shape, workdir, log_dir, resumed_from,
+          global_batch, progress, handle_signals, keep_history, on_step) -> TrainResult:
+  """The training loop: steps, with the periodic actions of `train/actions.py`."""
+  config, t_cfg = ctx.config, ctx.config.training
+  n_iters, n_jit = int(t_cfg.n_iters), int(t_cfg.n_jitted_steps)
+  log_freq, eval_freq = int(t_cfg.log_freq), int(t_cfg.eval_freq)
+  snapshot_freq, preempt_freq = int(t_cfg.snapshot_freq), int(t_cfg.snapshot_freq_for_preemption)
+  p_step, p_multi = steps
+  step = int(parallel.to_host(state.step))
   bar = None
-  if progress and process0:
+  if progress and ctx.process0:
     from tqdm.auto import tqdm
-    bar = tqdm(total=n_iters, initial=start_step, unit="step", dynamic_ncols=True, smoothing=0.1,
-               desc="train", file=sys.stderr)
-  say = (lambda msg: bar.write(msg)) if bar is not None else report
-
-  def flush(force_log: bool = False):
-    """Fetches pending metrics; raises NonFiniteLossError naming the first bad step; logs."""
-    if not pending:
-      return
-    fetched = parallel.tree_to_host([m for _, m, _ in pending])
-    rows = []
-    for (s0, _, n), m in zip(pending, fetched):
-      for i in range(n):
-        rows.append((s0 + i, {k: float(np.asarray(v).reshape(-1)[i] if n > 1 else v)
-                              for k, v in m.items()}))
-    pending.clear()
-    for s, m in rows:
-      if not math.isfinite(m["loss"]):
-        good = last_saved["step"]
-        where = (f"the last good checkpoint, step {good}, in {ckpt_dir} is intact"
-                 if good is not None else "no checkpoint had been written yet")
-        raise NonFiniteLossError(
-            f"Training loss is {m['loss']} at step {s}: stopping before saving anything; {where}. "
-            f"Lower optim.lr, check the data scaling or use model.dtype='float32'.")
-    if keep_history:
-      history.extend({"step": s, **m} for s, m in rows)
-    now = time.time()
-    s_end = rows[-1][0]
-    dt = max(now - t_last["time"], 1e-9)
-    steps_per_s = (s_end - t_last["step"]) / dt
-    t_last["time"], t_last["step"] = now, s_end
-    mean = {k: float(np.mean([m[k] for _, m in rows])) for k in rows[-1][1]}
-    mean["steps_per_sec"] = steps_per_s
-    mean["images_per_sec"] = steps_per_s * global_batch
-    writer.write_scalars(s_end, {f"train/{k}": v for k, v in mean.items()})
-    writer.flush()
-    if bar is not None:
-      bar.update(s_end - bar.n)
-      bar.set_postfix(loss=f"{mean['loss']:.4g}", steps_s=f"{steps_per_s:.3g}",
-                      img_s=f"{mean['images_per_sec']:.4g}", refresh=False)
-      bar.refresh()
-
-  def save(step: int, wait: bool = False):
-    flush()
-    data_state = ckpt_lib.encode_data_states(train_iter.get_state(), num_devices=n_dev)
-    checkpointer.save(step, state, data_state, wait=wait)
-    last_saved["step"] = step
-
-  # Snapshot extras: samples from the EMA parameters and the test-split loss.
-  snap_fns = {}
-
-  def snapshot(step: int):
-    out = {}
-    if bool(config.eval.enable_loss):
-      loss = eval_loss(step)
-      if loss is not None:
-        out["eval_loss"] = loss
-        writer.write_scalars(step, {"eval/loss": loss})
-        writer.flush()
-        say(f"step {step}: eval loss (EMA params, test split) = {loss:.5g}")
-    if bool(t_cfg.snapshot_sampling):
-      out["samples"] = snapshot_samples(step)
-    return out
-
-  snap_weights = str(t_cfg.snapshot_weights)
-
-  def snapshot_samples(step: int):
-    if "sample" not in snap_fns:
-      n = int(config.sampling.num_samples)
-      # Samples sharded over the devices when they divide evenly (each device draws its share).
-      snap_fns["sample"] = draw_lib.draw_program(config, sde, model, (n,) + data_shape, replicated=rep,
-                                                 out_sharding=bsh if n % n_dev == 0 else rep)
-    key = draw_lib.snapshot_key(config.seed, step)
-    if snap_weights == "ema" and "young_ema_said" not in snap_fns:
-      note = state_lib.young_ema_note(step, float(config.model.ema_rate), raw_hint=(
-          "training.snapshot_weights='raw'"))
-      if note:
-        snap_fns["young_ema_said"] = True
-        say(f"step {step}: {note}")
-    params = state.ema_params if snap_weights == "ema" else state.params
-    x, nfe = snap_fns["sample"](params, jax.device_put(key, rep))
-    x = parallel.to_host(x)
-    if process0:
-      from score_sde_jax import plotting
-      if is_toy(config):
-        ref = snap_fns.get("eval_data")
-        path = os.path.join(sample_dir, f"samples_{step:08d}.png")
-        plotting.save_toy_samples(x, ref if ref is not None else x, path,
-                                  title=f"step {step}: {snap_weights.upper() if snap_weights == 'ema' else 'raw'} "
-                                        f"samples ({config.sampling.method})")
-        sfn = score_field_fn()
-        plotting.save_score_field(sfn, ref if ref is not None else x,
-                                  os.path.join(sample_dir, f"score_field_{step:08d}.png"))
-      else:
-        path = os.path.join(sample_dir, f"samples_{step:08d}.png")
-        plotting.save_image_grid(x, path)
-      say(f"step {step}: {len(x)} samples (NFE {int(parallel.to_host(nfe))}) -> {path}")
-    return x
-
-  def score_field_fn():
-    if "score" not in snap_fns:
-      snap_fns["score"] = draw_lib.score_program(config, sde, model)
-    params = state.ema_params if snap_weights == "ema" else state.params
-    return lambda x, t: np.asarray(snap_fns["score"](params, scaler(jnp.asarray(x)), jnp.asarray(t)))
-
-  def eval_loss(step: int) -> Optional[float]:
-    if "no_eval_data" in snap_fns:     # said once; retrying cannot succeed
-      return None
-    ebs = int(config.eval.batch_size)
-    try:
-      it = open_eval_iterator(config, ebs)
-    except Exception as e:  # noqa: BLE001
-      snap_fns["no_eval_data"] = True
-      say(f"step {step}: no evaluation data ({type(e).__name__}: {str(e).splitlines()[0][:300]}); the eval "
-          f"loss is skipped for the rest of this run.")
-      return None
-    if "eval" not in snap_fns:
-      snap_fns["eval"] = jax.jit(step_lib.make_eval_step(config, sde, model, scaler=scaler),
-                                 in_shardings=(rep, bsh, rep), out_shardings=(rep, rep))
-    key0 = jax.random.fold_in(jax.random.PRNGKey(int(config.seed) + 2), step)
-    total, count, keep = 0.0, 0.0, []
-    for i, b in enumerate(it):
-      batch = {"image": parallel.host_to_global(np.asarray(b["image"], np.float32), bsh),
-               "mask": parallel.host_to_global(np.asarray(b["mask"], bool), bsh)}
-      s, c = snap_fns["eval"](state.ema_params, batch, jax.device_put(jax.random.fold_in(key0, i), rep))
-      total += float(parallel.to_host(s))
-      count += float(parallel.to_host(c))
-      if is_toy(config) and sum(len(k) for k in keep) < 4096:
-        keep.append(np.asarray(b["image"])[np.asarray(b["mask"], bool)])
-    if keep:
-      snap_fns["eval_data"] = np.concatenate(keep)
-    return total / max(count, 1.0)
-
-  def batch_eval_loss(step: int) -> None:
-    """Every `training.eval_freq` steps, as the official code: the loss of the current (not EMA)
-    parameters on one test batch (cycling through the split), logged as eval/batch_loss."""
-    it = snap_fns.get("eval_iter")
-    b = None
-    for _ in range(2):
-      if it is None:
-        try:
-          it = iter(open_eval_iterator(config, int(config.eval.batch_size)))
-        except Exception:  # noqa: BLE001  (no test data: the snapshot says so)
-          snap_fns["no_eval_data"] = True
-          return
-      b = next(it, None)
-      if b is not None:
-        break
-      it = None
-    snap_fns["eval_iter"] = it
-    if b is None:
-      return
-    if "eval" not in snap_fns:
-      snap_fns["eval"] = jax.jit(step_lib.make_eval_step(config, sde, model, scaler=scaler),
-                                 in_shardings=(rep, bsh, rep), out_shardings=(rep, rep))
-    batch = {"image": parallel.host_to_global(np.asarray(b["image"], np.float32), bsh),
-             "mask": parallel.host_to_global(np.asarray(b["mask"], bool), bsh)}
-    key = jax.random.fold_in(jax.random.PRNGKey(int(config.seed) + 5), step)
-    s_, c_ = snap_fns["eval"](state.params, batch, jax.device_put(key, rep))
-    loss = float(parallel.to_host(s_)) / max(float(parallel.to_host(c_)), 1.0)
-    writer.write_scalars(step, {"eval/batch_loss": loss})
-
-  eval_freq = int(t_cfg.eval_freq)
+    bar = tqdm(total=n_iters, initial=step, unit="step", dynamic_ncols=True, smoothing=0.1, desc="train",
+               file=sys.stderr)
+  ctx = dataclasses.replace(ctx, say=(lambda msg: bar.write(msg)) if bar is not None else ctx.say)
+  writer = metric_writer.MetricWriter(log_dir, enabled=ctx.process0)
+  logger = actions.MetricLogger(writer, bar, global_batch=global_batch, ckpt_dir=ctx.ckpt_dir,
+                                start_step=step, keep_history=keep_history, clock=time.time)
+  ckpt = actions.Checkpointing(checkpointer, train_iter, logger, ctx.mesh.devices.size, resumed_from)
+  evaluator = actions.LossEvaluator(ctx, writer)
+  sampler = actions.SnapshotSampler(ctx, data_shape)
   do_batch_eval = eval_freq > 0 and bool(config.eval.enable_loss)
-
-  # ---- the loop -----------------------------------------------------------------------------------
   catcher = _SignalCatcher(handle_signals)
-  step = start_step
-  result_samples = None
+  samples = None
   if resumed_from is None:
-    report(f"Training from scratch in {workdir} on {n_dev} device(s) "
-           f"({jax.devices()[0].platform}), global batch {global_batch}.")
+    ctx.say(f"Training from scratch in {workdir} on {ctx.mesh.devices.size} device(s) "
+            f"({jax.devices()[0].platform}), global batch {global_batch}.")
   try:
     while step < n_iters:
       # Multi-step chunks stay aligned to multiples of n_jitted_steps (a run resumed from a SIGTERM
       # checkpoint at another step first takes single steps), so that log/snapshot steps are hit.
       n = n_jit if (p_multi is not None and step % n_jit == 0 and n_iters - step >= n_jit) else 1
-      batches = []
-      for _ in range(n):
-        if first is not None:
-          batches.append(first)
-          first = None
-        else:
-          batches.append(next(train_iter))
-      if n == 1:
-        gb = parallel.host_to_global(np.asarray(batches[0]["image"], np.float32), bsh)
-        state, metrics = p_step(state, {"image": gb})
-      else:
-        gb = parallel.host_to_global(_stack_batches([{"image": np.asarray(b["image"], np.float32)}
-                                                     for b in batches])["image"], bsh_multi)
-        state, metrics = p_multi(state, {"image": gb})
-      pending.append((step + 1, metrics, n))
+      batches = [first if i == 0 and first is not None else next(train_iter) for i in range(n)]
+      first = None
+      state, metrics = _apply(p_step, p_multi, state, batches, ctx.mesh)
+      logger.add(step + 1, metrics, n)
       step += n
       if on_step is not None:
         on_step(step)
-      if step % int(t_cfg.log_freq) == 0:
-        flush()
-      if do_batch_eval and (step - n) // eval_freq != step // eval_freq and \
-          "no_eval_data" not in snap_fns:
-        batch_eval_loss(step)
+      if step % log_freq == 0:
+        logger.flush(ckpt.last_saved)
+      if do_batch_eval and (step - n) // eval_freq != step // eval_freq and evaluator.available:
+        evaluator.batch_loss(state.params, step)
       stop = catcher.signum is not None
-      if jax.process_count() > 1 and step % int(t_cfg.log_freq) == 0:
+      if jax.process_count() > 1 and step % log_freq == 0:
         stop = _any_process(stop)
       if step % snapshot_freq == 0 or step == n_iters:
-        save(step)
-        extras = snapshot(step)
-        result_samples = extras.get("samples", result_samples)
+        ckpt.save(step, state)
+        samples = _snapshot(ctx, state, step, evaluator, sampler, writer, samples)
       elif step % preempt_freq == 0:
-        save(step)
+        ckpt.save(step, state)
       if stop:
-        save(step, wait=True)
+        ckpt.save(step, state, wait=True)
         name = signal.Signals(catcher.signum).name if catcher.signum else "signal"
-        say(f"Received {name}: saved a checkpoint at step {step} in {ckpt_dir}; exiting. "
-            f"Run the same command again to resume.")
+        ctx.say(f"Received {name}: saved a checkpoint at step {step} in {ctx.ckpt_dir}; exiting. "
+                f"Run the same command again to resume.")
         break
-    flush()
+    logger.flush(ckpt.last_saved)
     checkpointer.wait()
   finally:
     catcher.restore()
@@ -605,9 +410,33 @@ def _restore_and_run(*, config, workdir, progress, report, async_checkpoint, han
       writer.close()
   preempted = step < n_iters
   if not preempted:
-    report(f"Done: {step} steps. Checkpoints: {ckpt_dir}  TensorBoard logs: {log_dir}  "
-           f"Samples: {sample_dir}")
-  return TrainResult(state=state, step=step, workdir=workdir, checkpoint_dir=ckpt_dir, log_dir=log_dir,
-                     sample_dir=sample_dir, preempted=preempted, signal=catcher.signum,
+    ctx.say(f"Done: {step} steps. Checkpoints: {ctx.ckpt_dir}  TensorBoard logs: {log_dir}  "
+            f"Samples: {ctx.sample_dir}")
+  return TrainResult(state=state, step=step, workdir=workdir, checkpoint_dir=ctx.ckpt_dir, log_dir=log_dir,
+                     sample_dir=ctx.sample_dir, preempted=preempted, signal=catcher.signum,
                      resumed_from=resumed_from, skipped_checkpoints=list(checkpointer.skipped),
-                     history=history, last_samples=result_samples)
+                     history=logger.history, last_samples=samples)
+
+
+def _apply(p_step, p_multi, state, batches, mesh):
+  """One compiled step on one batch, or `p_multi` on the stacked batches of n_jitted_steps."""
+  if len(batches) == 1:
+    gb = parallel.host_to_global(np.asarray(batches[0]["image"], np.float32), parallel.batch_sharding(mesh))
+    return p_step(state, {"image": gb})
+  gb = parallel.host_to_global(_stack_batches([{"image": np.asarray(b["image"], np.float32)} for b in batches])
+                               ["image"], parallel.batch_sharding(mesh, leading_axes=1))
+  return p_multi(state, {"image": gb})
+
+
+def _snapshot(ctx, state, step, evaluator, sampler, writer, samples):
+  """At a snapshot: the EMA weights' test-split loss (eval.enable_loss) and samples
+  (training.snapshot_sampling); returns the samples (the previous ones when none are drawn)."""
+  if bool(ctx.config.eval.enable_loss):
+    loss = evaluator.run(state.ema_params, step)
+    if loss is not None:
+      writer.write_scalars(step, {"eval/loss": loss})
+      writer.flush()
+      ctx.say(f"step {step}: eval loss (EMA params, test split) = {loss:.5g}")
+  if bool(ctx.config.training.snapshot_sampling):
+    return sampler.run(state, step, evaluator.eval_data)
+  return samples

@@ -12,42 +12,29 @@ from __future__ import annotations
 import math
 import os
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from score_sde_jax import datasets
 from score_sde_jax import draw as draw_lib
 from score_sde_jax import plotting
 from score_sde_jax import sde as sde_lib
 
-
-def _test_data(config, max_points: Optional[int] = None) -> np.ndarray:
-  from score_sde_jax.train import loop
-  it = loop.open_eval_iterator(config, int(config.eval.batch_size), "test")
-  xs = []
-  for b in it:
-    xs.append(np.asarray(b["image"], np.float32)[np.asarray(b["mask"], bool)])
-    if max_points and sum(len(x) for x in xs) >= max_points:
-      break
-  x = np.concatenate(xs)
-  return x[:max_points] if max_points else x
-
-
 def toy_report(config, workdir: str, state, samples=None, report=print) -> Dict[str, Any]:
   from score_sde_jax import likelihood
   from score_sde_jax import models as models_lib
-  from score_sde_jax.train import loop
 
   t0 = time.time()
   sde = sde_lib.sde_from_config(config)
   model = models_lib.get_model(config)
-  scaler, _ = loop.get_scalers(config)
+  scaler = datasets.get_data_scaler(config)
   from score_sde_jax.train import parallel
   params = parallel.tree_to_host(state.ema_params)
   continuous = bool(config.training.continuous)
-  x_test = _test_data(config)
+  x_test = datasets.test_points(config)
   dim = int(np.prod(x_test.shape[1:]))
   sample_dir = os.path.join(os.path.abspath(workdir), "samples")
   os.makedirs(sample_dir, exist_ok=True)

@@ -3,7 +3,7 @@ pytorch-fid; the test that reads the fixture does not), and tests/data/torch_leg
 a small state dict saved by torch in its legacy (< 1.6, non-zip) format, the format of pytorch-fid's weights.
 
     python3 -m venv /tmp/torchenv && /tmp/torchenv/bin/pip install torch pytorch-fid
-    /tmp/torchenv/bin/python scripts/make_inception_fixture.py [--only inception|legacy]
+    /tmp/torchenv/bin/python tests/data/make_inception_fixture.py [--only inception|legacy]
 
 No network: the model is pytorch-fid's own `fid_inception_v3()` and `InceptionV3`, with its weight download
 (`pytorch_fid.inception.load_state_dict_from_url`) replaced by a function that returns random weights.
@@ -23,7 +23,7 @@ import sys
 
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OUT = os.path.join(REPO, "tests", "data", "inception_fixture.npz")
 LEGACY_OUT = os.path.join(REPO, "tests", "data", "torch_legacy_cases.pth")
 LEGACY_EXPECTED = os.path.join(REPO, "tests", "data", "torch_legacy_cases_expected.npz")
