@@ -29,7 +29,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from score_sde_jax.config_defaults import base_config  # noqa: E402
-from score_sde_jax.datasets import builders, images  # noqa: E402
+from score_sde_jax.datasets import builders, cifar10, images  # noqa: E402
 from score_sde_jax.train import cli  # noqa: E402
 
 
@@ -72,8 +72,8 @@ def main(argv=None) -> int:
     return 0
   if args.source is not None:
     try:
-      path = builders.prepare_cifar10(args.source, data_dir, verify_md5=not args.no_verify)
-    except builders.Cifar10DataError as e:
+      path = cifar10.prepare_cifar10(args.source, data_dir, verify_md5=not args.no_verify)
+    except cifar10.Cifar10DataError as e:
       return _error(str(e))
     except OSError as e:
       return _error(f"writing CIFAR-10 into the data dir {data_dir!r} failed ({e}); nothing was kept there. "

@@ -337,7 +337,7 @@ def test_checkpoint_to_samples_and_bits_per_dim(tmp_path):
   official JAX checkpoint directly (--checkpoint, results beside it) and from the converted workdir;
   CIFAR-10 prepared from an archive of the official format; evaluate.py --checkpoint gives bits/dim of a
   few test images.  Nothing is written into the checkpoints' own folders."""
-  from score_sde_jax.datasets import builders
+  from score_sde_jax.datasets import cifar10
   cfg = _small_config_file(tmp_path, "ddpmpp_vp_continuous_jax")
   config = config_utils.load_config_file(cfg)
   jax_src = tmp_path / "released_jax"
@@ -380,7 +380,7 @@ def test_checkpoint_to_samples_and_bits_per_dim(tmp_path):
   # data: CIFAR-10 from an archive of the official binary format (few images, no network)
   data_dir = tmp_path / "tfds"
   _write_cifar_binary(tmp_path / "cifar-10-binary.tar.gz", np.random.default_rng())
-  builders.prepare_cifar10(str(tmp_path / "cifar-10-binary.tar.gz"), str(data_dir), verify_md5=False,
+  cifar10.prepare_cifar10(str(tmp_path / "cifar-10-binary.tar.gz"), str(data_dir), verify_md5=False,
                            num_examples={"train": 10, "test": 3})
 
   # evaluate: bits/dim of the 3 test images from the .pth, results in --workdir/eval

@@ -28,7 +28,7 @@ import pytest
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import hashing
 
-from score_sde_jax.datasets import builders
+from score_sde_jax.datasets import cifar10
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "scripts", "prepare_data.py")
@@ -121,7 +121,7 @@ def _write_tar(path, folder, members):
 
 def python_members(cifar):
   members = {"batches.meta": _py2_pickle({
-      b"num_cases_per_batch": PER_BATCH, b"label_names": [n.encode() for n in builders.CIFAR10_LABEL_NAMES],
+      b"num_cases_per_batch": PER_BATCH, b"label_names": [n.encode() for n in cifar10.CIFAR10_LABEL_NAMES],
       b"num_vis": 3072})}
   for name, x, y in _batches(cifar):
     members[name] = _py2_pickle({
@@ -132,7 +132,7 @@ def python_members(cifar):
 
 
 def binary_members(cifar):
-  members = {"batches.meta.txt": ("\n".join(builders.CIFAR10_LABEL_NAMES) + "\n\n").encode()}
+  members = {"batches.meta.txt": ("\n".join(cifar10.CIFAR10_LABEL_NAMES) + "\n\n").encode()}
   for name, x, y in _batches(cifar):
     members[name + ".bin"] = np.concatenate([y[:, None], _rows(x)], axis=1).tobytes()
   members["readme.html"] = b"<html></html>"
@@ -152,7 +152,7 @@ def prepared(archives, tmp_path_factory):
   out = {}
   for kind, path in archives.items():
     data_dir = str(tmp_path_factory.mktemp(f"tfds_{kind}"))
-    built = builders.prepare_cifar10(path, data_dir, verify_md5=False, num_examples=COUNTS)
+    built = cifar10.prepare_cifar10(path, data_dir, verify_md5=False, num_examples=COUNTS)
     assert built == os.path.join(data_dir, "cifar10", "3.0.2")
     out[kind] = data_dir
   return out
@@ -179,7 +179,7 @@ def test_archive_builds_the_standard_tfds_cifar10(kind, prepared, cifar):
   assert builder.info.features.to_json() == stock.to_json()
   features = builder.info.features
   assert features["image"].shape == (32, 32, 3) and features["image"].np_dtype == np.uint8
-  assert features["label"].names == list(builders.CIFAR10_LABEL_NAMES)
+  assert features["label"].names == list(cifar10.CIFAR10_LABEL_NAMES)
   assert isinstance(features["id"], tfds.features.Text)
   assert builder.info.supervised_keys == ("image", "label")
   for split, (images, labels) in cifar.items():
@@ -214,7 +214,7 @@ def test_python_and_binary_archives_give_identical_datasets(prepared):
 
 
 def test_script_builds_and_is_idempotent(archives, tmp_path, monkeypatch, capsys, script):
-  monkeypatch.setattr(builders, "CIFAR10_NUM_EXAMPLES", COUNTS)  # the script's counts, for the small archive
+  monkeypatch.setattr(cifar10, "CIFAR10_NUM_EXAMPLES", COUNTS)  # the script's counts, for the small archive
   data_dir = str(tmp_path / "tfds")
   argv = ["--dataset", "CIFAR10", "--source", archives["binary"], "--data_dir", data_dir, "--no-verify"]
   assert script.main(argv) == 0
@@ -225,12 +225,12 @@ def test_script_builds_and_is_idempotent(archives, tmp_path, monkeypatch, capsys
   assert script.main(argv[:-1]) == 2
   err = capsys.readouterr().err
   assert err.startswith("ERROR: ") and err.count("\n") == 1
-  assert "MD5" in err and builders.CIFAR10_ARCHIVES["python"].md5 in err and "--no-verify" in err
+  assert "MD5" in err and cifar10.CIFAR10_ARCHIVES["python"].md5 in err and "--no-verify" in err
   # ... and passes it when its MD5 is the expected one (as the official archive's is).
   with open(archives["binary"], "rb") as f:
     md5 = hashlib.md5(f.read()).hexdigest()
-  monkeypatch.setitem(builders.CIFAR10_ARCHIVES, "binary",
-                      dataclasses.replace(builders.CIFAR10_ARCHIVES["binary"], md5=md5))
+  monkeypatch.setitem(cifar10.CIFAR10_ARCHIVES, "binary",
+                      dataclasses.replace(cifar10.CIFAR10_ARCHIVES["binary"], md5=md5))
   assert script.main(argv[:-1]) == 0
 
 
@@ -288,7 +288,7 @@ BAD_INPUTS = {
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
 def test_bad_input_one_line_error_exit_2_nothing_written(case, archives, cifar, tmp_path, monkeypatch, capsys,
                                                         script):
-  monkeypatch.setattr(builders, "CIFAR10_NUM_EXAMPLES", COUNTS)
+  monkeypatch.setattr(cifar10, "CIFAR10_NUM_EXAMPLES", COUNTS)
   make, pattern = BAD_INPUTS[case]
   (tmp_path / "in").mkdir()
   source = make(archives, cifar, tmp_path / "in")
@@ -303,7 +303,7 @@ def test_bad_input_one_line_error_exit_2_nothing_written(case, archives, cifar, 
 
 
 def test_failure_while_writing_leaves_nothing(archives, tmp_path, monkeypatch):
-  calls, original = [], builders.png_bytes
+  calls, original = [], cifar10.png_bytes
 
   def failing_png(image, level=6):  # the disk fills up after a few examples
     calls.append(1)
@@ -311,10 +311,10 @@ def test_failure_while_writing_leaves_nothing(archives, tmp_path, monkeypatch):
       raise OSError("No space left on device")
     return original(image, level)
 
-  monkeypatch.setattr(builders, "png_bytes", failing_png)
+  monkeypatch.setattr(cifar10, "png_bytes", failing_png)
   data_dir = tmp_path / "tfds"
   with pytest.raises(OSError, match="No space left"):
-    builders.prepare_cifar10(archives["python"], str(data_dir), verify_md5=False, num_examples=COUNTS)
+    cifar10.prepare_cifar10(archives["python"], str(data_dir), verify_md5=False, num_examples=COUNTS)
   assert len(calls) > 7
   leftovers = [os.path.join(d, f) for d, ds, fs in os.walk(data_dir) for f in ds + fs] if data_dir.exists() else []
   assert not leftovers, leftovers
@@ -323,8 +323,8 @@ def test_failure_while_writing_leaves_nothing(archives, tmp_path, monkeypatch):
 
 def test_wrong_counts_and_options_are_errors(archives, tmp_path, capsys, script):
   # The real counts (50000/10000) against the small archive: a clear per-batch error.
-  with pytest.raises(builders.Cifar10DataError, match="data_batch_1.bin has .* expected 10000 records"):
-    builders.load_cifar10_archive(archives["binary"], verify_md5=False)
+  with pytest.raises(cifar10.Cifar10DataError, match="data_batch_1.bin has .* expected 10000 records"):
+    cifar10.load_cifar10_archive(archives["binary"], verify_md5=False)
   assert script.main(["--dataset", "SVHN", "--source", archives["binary"], "--data_dir", str(tmp_path)]) == 2
   assert capsys.readouterr().err.startswith("ERROR: --source is for --dataset CIFAR10 only")
 
@@ -352,8 +352,8 @@ def test_python3_repickled_batches_read_the_same(cifar, tmp_path):
                     if not name.endswith(".html") else data)
              for proto, (name, data) in zip([2, 3, 4, 5, 2, 3, 4, 5], python_members(cifar).items())}
   path = _write_tar(tmp_path / "repickled.tar.gz", "cifar-10-batches-py", members)
-  arrays = builders.load_cifar10_archive(path, verify_md5=False, num_examples=COUNTS)
-  assert arrays.kind == "python" and arrays.label_names == builders.CIFAR10_LABEL_NAMES
+  arrays = cifar10.load_cifar10_archive(path, verify_md5=False, num_examples=COUNTS)
+  assert arrays.kind == "python" and arrays.label_names == cifar10.CIFAR10_LABEL_NAMES
   for split, (images, labels) in cifar.items():
     np.testing.assert_array_equal(arrays.images[split], images)
     np.testing.assert_array_equal(arrays.labels[split], labels)
@@ -362,12 +362,12 @@ def test_python3_repickled_batches_read_the_same(cifar, tmp_path):
 def test_existing_cifar10_in_another_format_is_a_clear_error(archives, tmp_path):
   # A cifar10 prepared earlier by tfds as TFRecord (simulated by its dataset_info.json) is not silently used.
   data_dir = str(tmp_path / "tfds")
-  builders.prepare_cifar10(archives["binary"], data_dir, verify_md5=False, num_examples=COUNTS)
+  cifar10.prepare_cifar10(archives["binary"], data_dir, verify_md5=False, num_examples=COUNTS)
   info_path = os.path.join(data_dir, "cifar10", "3.0.2", "dataset_info.json")
   with open(info_path) as f:
     info = json.load(f)
   info["fileFormat"] = "tfrecord"
   with open(info_path, "w") as f:
     json.dump(info, f)
-  with pytest.raises(builders.Cifar10DataError, match="already holds a cifar10 .*TFRecord.*delete"):
-    builders.prepare_cifar10(archives["binary"], data_dir, verify_md5=False, num_examples=COUNTS)
+  with pytest.raises(cifar10.Cifar10DataError, match="already holds a cifar10 .*TFRecord.*delete"):
+    cifar10.prepare_cifar10(archives["binary"], data_dir, verify_md5=False, num_examples=COUNTS)

@@ -15,7 +15,7 @@ import tensorflow_datasets as tfds
 
 from score_sde_jax import config_defaults
 from score_sde_jax import datasets
-from score_sde_jax.datasets import builders, images
+from score_sde_jax.datasets import builders, images, iterators
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
@@ -174,7 +174,7 @@ def test_train_determinism_and_seed(mnist_config):
 
 def test_train_epoch_is_a_permutation():
   """Positions j = 0..N-1 of the stream map to each example exactly once; the next epoch reshuffles."""
-  perms = images._Permutations(1000, seed=7)  # pylint: disable=protected-access
+  perms = iterators._Permutations(1000, seed=7)  # pylint: disable=protected-access
   first = perms.indices(np.arange(1000))
   second = perms.indices(np.arange(1000, 2000))
   assert sorted(first) == list(range(1000)) and sorted(second) == list(range(1000))
@@ -221,7 +221,7 @@ def test_dequantization_stays_in_its_bin():
   """(x + u) / 256 is exact in float32: floor(256 * value) == x and value < 1, also for x = 255."""
   x = np.full((64, 32, 32, 3), 255, np.uint8)
   x[::2] = 0
-  augment = images._augment  # pylint: disable=protected-access
+  augment = iterators._augment  # pylint: disable=protected-access
   out = augment(x, np.arange(64, dtype=np.int64), seed=3, flip=False, dequantize=True)
   assert out.dtype == np.float32 and out.max() < 1.0
   np.testing.assert_array_equal(np.floor(out * 256.0), x)
@@ -559,8 +559,8 @@ def test_png_encoder_and_decoder_round_trip():
 def test_prefetch_overlaps_loading_with_compute():
   """Batches are produced in background threads while the consumer works (sleep-based, load-tolerant)."""
   import time  # pylint: disable=import-outside-toplevel
-  seq = images._BatchSequence(lambda s: (time.sleep(0.05), s)[1], 1 << 62)  # pylint: disable=protected-access
-  it = images._grain_iter(seq, num_threads=2, prefetch=4)  # pylint: disable=protected-access
+  seq = iterators._BatchSequence(lambda s: (time.sleep(0.05), s)[1], 1 << 62)  # pylint: disable=protected-access
+  it = iterators._grain_iter(seq, num_threads=2, prefetch=4)  # pylint: disable=protected-access
   assert next(it) == 0
   start = time.time()
   got = []

@@ -16,7 +16,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from score_sde_jax.models import layers, normalization
+from score_sde_jax.models import layers, normalization, refinenet
 from score_sde_jax.models.registry import register_model
 
 
@@ -63,9 +63,9 @@ class _RefineNetBase(nn.Module):
     h = layers.ncsn_conv(h, nf, dtype=dtype, name="begin_conv")
     feats = []
     for name, mult, resample, dilation in self.stages:
-      h = layers.ResidualBlock(mult * nf, norm, resample=resample, act=act, dilation=dilation,
+      h = refinenet.ResidualBlock(mult * nf, norm, resample=resample, act=act, dilation=dilation,
                                conditional=self.conditional, dtype=dtype, name=f"{name}_0")(h, y)
-      h = layers.ResidualBlock(mult * nf, norm, resample=None, act=act, dilation=dilation,
+      h = refinenet.ResidualBlock(mult * nf, norm, resample=None, act=act, dilation=dilation,
                                conditional=self.conditional, dtype=dtype, name=f"{name}_1")(h, y)
       feats.append(h)
 
@@ -75,11 +75,11 @@ class _RefineNetBase(nn.Module):
       start, end = i == 0, i == len(self.refines) - 1
       xs = [layer] if start else [layer, ref]
       if self.conditional:
-        ref = layers.CondRefineBlock(layer.shape[1:3], mult * nf, norm, act=act,
+        ref = refinenet.CondRefineBlock(layer.shape[1:3], mult * nf, norm, act=act,
                                      interpolation=interpolation, start=start, end=end, dtype=dtype,
                                      name=name)(xs, y)
       else:
-        ref = layers.RefineBlock(layer.shape[1:3], mult * nf, act=act, interpolation=interpolation,
+        ref = refinenet.RefineBlock(layer.shape[1:3], mult * nf, act=act, interpolation=interpolation,
                                  start=start, end=end, dtype=dtype, name=name)(xs)
 
     if self.conditional:
