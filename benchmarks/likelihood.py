@@ -28,7 +28,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_config(name):
-  from score_sde_jax.train.config_utils import load_config_file
+  from score_sde_jax.run.config_utils import load_config_file
   return load_config_file(name if name.endswith(".py") else os.path.join(REPO, "configs", name + ".py"))
 
 
@@ -36,7 +36,7 @@ def bench_one(config, batch, rtol, atol, iters):
   from score_sde_jax import evaluation, models
   from score_sde_jax import sde as sde_lib
   from score_sde_jax.score import time_labels
-  from score_sde_jax.train import parallel
+  from score_sde_jax.run import parallel
 
   config.eval.rtol, config.eval.atol = rtol, atol
   config.eval.divergence = "hutchinson_rademacher"

@@ -35,7 +35,7 @@ DEFAULT_CONFIGS = ("vp/cifar10_ddpmpp_continuous", "ve/cifar10_ncsnpp_continuous
 
 
 def load_config(name):
-  from score_sde_jax.train.config_utils import load_config_file
+  from score_sde_jax.run.config_utils import load_config_file
   return load_config_file(name if name.endswith(".py") else os.path.join(REPO, "configs", name + ".py"))
 
 

@@ -37,7 +37,7 @@ sys.path.insert(0, REPO)
 
 
 def load_config(name):
-  from score_sde_jax.train.config_utils import load_config_file
+  from score_sde_jax.run.config_utils import load_config_file
   return load_config_file(name if name.endswith(".py") else os.path.join(REPO, "configs", name + ".py"))
 
 

@@ -56,7 +56,7 @@ def child(args):
   from score_sde_jax import sde as sde_lib
   from score_sde_jax.image_configs import mnist_ncsnpp
   from score_sde_jax.score import time_labels
-  from score_sde_jax.train import parallel
+  from score_sde_jax.run import parallel
 
   config = mnist_ncsnpp("vpsde")
   size = args.image_size

@@ -31,7 +31,8 @@ def main(argv):
   import numpy as np
   from score_sde_jax import config_defaults, datasets, models, sde as sde_lib
   from score_sde_jax import train as train_lib
-  from score_sde_jax.train import loop, parallel
+  from score_sde_jax.run import parallel
+  from score_sde_jax.train import loop
 
   config = FLAGS.config if FLAGS.config is not None else config_defaults.toy_config("vesde", "ring8")
   n, w = FLAGS.steps, FLAGS.warmup

@@ -134,7 +134,7 @@ def locate(path: str, step: Optional[int] = None) -> Tuple[str, str]:
   if not os.path.exists(path):
     raise CheckpointError(f"{path}: no such file or directory.")
   if os.path.isdir(path):
-    from score_sde_jax.train import checkpoint as ckpt_lib
+    from score_sde_jax.run import checkpoint as ckpt_lib
     if os.path.isdir(ckpt_lib.checkpoint_dir(path)) and any(
         n.isdigit() for n in os.listdir(ckpt_lib.checkpoint_dir(path))):
       return "workdir", path
@@ -248,7 +248,7 @@ def _read_official_torch(path: str, config, weights: str):
 
 def _read_workdir(path: str, config, weights: str, step: Optional[int]):
   """(variables, step, step directory) of a training workdir's checkpoint (read-only)."""
-  from score_sde_jax.train import restore
+  from score_sde_jax.run import restore
   if _is_orbax_step_dir(path):
     step = int(os.path.basename(os.path.normpath(path)))
     workdir = os.path.dirname(os.path.dirname(os.path.abspath(path)))
@@ -258,7 +258,7 @@ def _read_workdir(path: str, config, weights: str, step: Optional[int]):
   try:
     found_step, state = restore.restore_state(config, workdir, step, report=reports.append)
   except Exception as e:  # noqa: BLE001
-    from score_sde_jax.train import checkpoint as ckpt_lib
+    from score_sde_jax.run import checkpoint as ckpt_lib
     raise CheckpointError(f"{ckpt_lib.checkpoint_dir(workdir)}: cannot restore a checkpoint for this "
                           f"config: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
                           + (f" ({'; '.join(reports)})" if reports else "")) from None
@@ -266,8 +266,8 @@ def _read_workdir(path: str, config, weights: str, step: Optional[int]):
     for line in reports:   # the checkpoints skipped (one line each, with the reason)
       print(line)
   variables = state.ema_params if weights == "ema" else state.params
-  from score_sde_jax.train import checkpoint as ckpt_lib
-  from score_sde_jax.train import parallel
+  from score_sde_jax.run import checkpoint as ckpt_lib
+  from score_sde_jax.run import parallel
   # Replicated over every device of every host: each host copies its local replica.
   return (parallel.tree_to_host(variables), int(found_step),
           os.path.join(ckpt_lib.checkpoint_dir(workdir), str(found_step)))
@@ -281,7 +281,7 @@ def expected_shapes(config) -> Dict[str, Any]:
   computation)."""
   from score_sde_jax import datasets
   from score_sde_jax.models import get_model
-  from score_sde_jax.train import state as state_lib
+  from score_sde_jax.run import state as state_lib
   model = get_model(config)
   shape = (1,) + datasets.data_shape(config)
   return jax.eval_shape(lambda k: state_lib.init_variables(config, model, k, shape), jax.random.PRNGKey(0))

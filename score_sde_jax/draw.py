@@ -68,7 +68,7 @@ def draw_batches(draw, params, *, seed: int, total: int, batch_size: int, replic
   import numpy as np
   from tqdm.auto import tqdm
 
-  from score_sde_jax.train import parallel
+  from score_sde_jax.run import parallel
   out, nfes = [], []
   t0 = time.time()
   with tqdm(total=total, unit="sample", desc=desc, disable=not progress) as bar:

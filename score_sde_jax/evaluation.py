@@ -56,7 +56,7 @@ def _train_hint(workdir: str) -> str:
 def select_checkpoints(config, workdir: str, which="latest") -> List[int]:
   """Checkpoint steps to evaluate: 'latest' (the newest), 'range' (the official convention: checkpoint
   index i ∈ [eval.begin_ckpt, eval.end_ckpt] ↔ step i · training.snapshot_freq), or a list of steps."""
-  from score_sde_jax.train import checkpoint as ckpt_lib
+  from score_sde_jax.run import checkpoint as ckpt_lib
   workdir = os.path.abspath(workdir)
   if not os.path.isdir(workdir):
     raise EvalError(f"workdir {workdir} does not exist. {_train_hint(workdir)}")
@@ -86,7 +86,7 @@ def read_step(config, workdir: str, step: int, weights: str = "ema"):
   loading path makes (the config's model shapes, finite weights naming the first bad parameter).  A
   failure names the step and the config fields that differ from the workdir's saved config."""
   from score_sde_jax import checkpoints
-  from score_sde_jax.train import config_utils
+  from score_sde_jax.run import config_utils
   try:
     return checkpoints.read_pretrained(workdir, config, weights=weights, step=step)
   except checkpoints.CheckpointError as e:
@@ -214,7 +214,7 @@ def make_batch_fn(config, sde, model, settings: EvalSettings, mesh, is_toy: bool
   all-reduce of the error norm per step), so the values do not depend on the device count."""
   from score_sde_jax import models
   from score_sde_jax.datasets import get_data_scaler
-  from score_sde_jax.train import parallel
+  from score_sde_jax.run import parallel
   continuous = bool(config.training.continuous)
   s = settings
   scaler = get_data_scaler(config)
@@ -280,7 +280,7 @@ def evaluate_likelihood(config, workdir: str, *, checkpoints="latest", devices: 
   the same step differs in what.
   """
   from score_sde_jax import models
-  from score_sde_jax.train import config_utils, parallel
+  from score_sde_jax.run import config_utils, parallel
   process0 = jax.process_index() == 0
   if report is None:
     report = print if process0 else (lambda *_: None)

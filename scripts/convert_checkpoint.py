@@ -50,7 +50,7 @@ def _run(args) -> int:
   import numpy as np
 
   from score_sde_jax import checkpoints
-  from score_sde_jax.train import config_utils
+  from score_sde_jax.run import config_utils
 
   if args.workdir is None and args.output is None:
     raise ValueError("nothing to write: pass --workdir DIR (a workdir for sample.py/evaluate.py) and/or "
@@ -104,9 +104,9 @@ def write_workdir(workdir: str, config, ema, raw) -> str:
   import jax
   import jax.numpy as jnp
 
-  from score_sde_jax.train import checkpoint as ckpt_lib
-  from score_sde_jax.train import config_utils
-  from score_sde_jax.train import state as state_lib
+  from score_sde_jax.run import checkpoint as ckpt_lib
+  from score_sde_jax.run import config_utils
+  from score_sde_jax.run import state as state_lib
 
   tx, _ = state_lib.get_optimizer(config)
   params = jax.tree.map(jnp.asarray, raw.variables)

@@ -84,8 +84,8 @@ def run(argv=None) -> int:
 def _main():
   import jax
   from score_sde_jax import checkpoints, evaluation
-  from score_sde_jax.train import config_utils, restore
-  from score_sde_jax.train import state as state_lib
+  from score_sde_jax.run import config_utils, restore
+  from score_sde_jax.run import state as state_lib
 
   # Bad input raises: the guard of main() prints it as one ERROR line (exit 2).
   if FLAGS.workdir is None and FLAGS.checkpoint is None:
@@ -140,7 +140,7 @@ def _main():
 
 def _has_checkpoints(workdir) -> bool:
   import os
-  from score_sde_jax.train import checkpoint as ckpt_lib
+  from score_sde_jax.run import checkpoint as ckpt_lib
   cdir = ckpt_lib.checkpoint_dir(workdir)
   return os.path.isdir(cdir) and any(n.isdigit() for n in os.listdir(cdir))
 

@@ -78,8 +78,8 @@ def _main():
 
   from score_sde_jax import checkpoints, datasets, models, sde as sde_lib
   from score_sde_jax import draw as draw_lib
-  from score_sde_jax.train import config_utils, parallel, restore
-  from score_sde_jax.train import state as state_lib
+  from score_sde_jax.run import config_utils, parallel, restore
+  from score_sde_jax.run import state as state_lib
 
   process0 = jax.process_index() == 0
   say = print if process0 else (lambda *_: None)

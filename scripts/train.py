@@ -8,7 +8,7 @@ For toy data, after training it writes pictures of samples and of the learned sc
 the test NLL.  Multi-host: pass --multihost (or set SCORE_SDE_DISTRIBUTED=1) and run the same command on
 every host (TPU pods, SLURM: nothing else; elsewhere JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
 JAX_PROCESS_ID; README "Sampling and evaluating on a pod").  A run resumes on any number of devices or
-hosts (train/restore.py says what stays bit-identical).
+hosts (run/restore.py says what stays bit-identical).
 
 Exit status: 0 when training finished; 2 for bad input — flags, the config, the data, a workdir that
 is a file or is in use by another training (one line `ERROR: ...`; nothing in the workdir was written);

@@ -265,13 +265,13 @@ API_CASES = [
      .load_pretrained(c["wd"], _small_config(), weights="best"), "CheckpointError", "weights"),
     ("load_pretrained_wrong_config", lambda c: __import__("score_sde_jax.checkpoints", fromlist=["x"])
      .load_pretrained(c["wd"], _small_config(model__nf=16)), "CheckpointError", "shape"),
-    ("apply_overrides_typo", lambda c: __import__("score_sde_jax.train.config_utils", fromlist=["x"])
+    ("apply_overrides_typo", lambda c: __import__("score_sde_jax.run.config_utils", fromlist=["x"])
      .apply_overrides(_small_config(), ["sampling.methd=ode"]), "ConfigError", "sampling.method"),
-    ("load_workdir_config_missing", lambda c: __import__("score_sde_jax.train.restore", fromlist=["x"])
+    ("load_workdir_config_missing", lambda c: __import__("score_sde_jax.run.restore", fromlist=["x"])
      .load_workdir_config(c["fresh"]), "FileNotFoundError", "config.json"),
-    ("restore_state_missing_step", lambda c: __import__("score_sde_jax.train.restore", fromlist=["x"])
+    ("restore_state_missing_step", lambda c: __import__("score_sde_jax.run.restore", fromlist=["x"])
      .restore_state(_small_config(), c["wd"], step=99), "ValueError", "step 99"),
-    ("validate_config_typo", lambda c: __import__("score_sde_jax.train.config_utils", fromlist=["x"])
+    ("validate_config_typo", lambda c: __import__("score_sde_jax.run.config_utils", fromlist=["x"])
      .validate_config(_typo_config()), "ConfigError",
      "did you mean 'training.n_iters'"),
 ]

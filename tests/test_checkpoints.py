@@ -25,7 +25,7 @@ import pytest
 
 from score_sde_jax import checkpoints
 from score_sde_jax.models import convert_torch_state_dict, get_model
-from score_sde_jax.train import config_utils
+from score_sde_jax.run import config_utils
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(os.path.dirname(REPO), "shared", "fixtures", "official_checkpoints")
@@ -273,7 +273,7 @@ def _small_config_file(tmp_path, fixture):
   m = cfg["model"]
   path = tmp_path / f"{fixture}.py"
   path.write_text(
-      "from score_sde_jax.train.config_utils import load_config_file\n"
+      "from score_sde_jax.run.config_utils import load_config_file\n"
       "def get_config():\n"
       f"  c = load_config_file({os.path.join(REPO, base)!r})\n"
       f"  c.model.nf = {m['nf']}\n  c.model.num_res_blocks = {m['num_res_blocks']}\n"

@@ -456,7 +456,7 @@ def test_training_pipeline_never_imports_tensorflow(mnist_data_dir):
 def test_shipped_image_configs_map_to_datasets():
   """Every image config under configs/ names a known dataset whose channels match."""
   import glob  # pylint: disable=import-outside-toplevel
-  from score_sde_jax.train import config_utils  # pylint: disable=import-outside-toplevel
+  from score_sde_jax.run import config_utils  # pylint: disable=import-outside-toplevel
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   files = sorted(glob.glob(os.path.join(repo, "configs", "**", "*.py"), recursive=True))
   checked = 0

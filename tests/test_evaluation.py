@@ -314,8 +314,8 @@ def test_results_are_keyed_by_weights_model_sde_and_settings(workdir, tmp_path):
 def test_nan_checkpoint_at_an_explicit_step_is_one_clear_error(workdir, tmp_path):
   """A checkpoint whose EMA weights hold a NaN, asked for by step, fails before any solver step, naming the
   step and the parameter (before: a traceback, or ~7 minutes of solver steps on 8 devices)."""
-  from score_sde_jax.train import checkpoint as ckpt_lib
-  from score_sde_jax.train import restore
+  from score_sde_jax.run import checkpoint as ckpt_lib
+  from score_sde_jax.run import restore
   d = _fresh(workdir, tmp_path, "nan")
   _, state = restore.restore_state(tiny_config(), d)
   ema = jax.tree.map(np.array, state.ema_params)

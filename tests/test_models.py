@@ -13,7 +13,7 @@ import pytest
 from score_sde_jax import image_configs
 from score_sde_jax.models import convert_torch_state_dict, export_torch_state_dict, get_model
 from score_sde_jax.models import convert as convert_lib
-from score_sde_jax.train import config_utils
+from score_sde_jax.run import config_utils
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B = 2
@@ -565,7 +565,7 @@ def test_toy_mlp_on_discrete_ve_is_finite_and_looks_sigma_up():
   weights, to float32 round-off), scores finite at t = T, the SMLD loss and a PC sample finite."""
   from score_sde_jax import config_defaults, losses, models, sampling
   from score_sde_jax import sde as sde_lib
-  from score_sde_jax.train import state as state_lib
+  from score_sde_jax.run import state as state_lib
   c = config_defaults.toy_config("vesde", "mixture1d")
   c.model.nf, c.model.num_layers, c.model.num_scales = 16, 1, 20
   c.training.continuous = False

@@ -170,7 +170,7 @@ def test_a_killed_process_does_not_leave_the_other_hanging(hosts, tmp_path):
 
 _SNIPPET = """
 import os, sys, time
-from score_sde_jax.train import parallel
+from score_sde_jax.run import parallel
 parallel.initialize_distributed()
 import jax
 import numpy as np
@@ -212,7 +212,7 @@ def test_watchdog_stops_the_survivor(tmp_path, how):
 
 
 def test_distributed_settings_from_the_environment(monkeypatch):
-  from score_sde_jax.train import parallel
+  from score_sde_jax.run import parallel
   for k in ("SCORE_SDE_DISTRIBUTED", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
             "SCORE_SDE_INIT_TIMEOUT", "SCORE_SDE_HEARTBEAT_TIMEOUT"):
     monkeypatch.delenv(k, raising=False)

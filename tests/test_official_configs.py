@@ -13,7 +13,7 @@ import os
 
 import pytest
 
-from score_sde_jax.train import config_utils
+from score_sde_jax.run import config_utils
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(REPO, "tests", "data", "official_configs.json")

@@ -15,7 +15,7 @@ import ml_collections
 import pytest
 
 from score_sde_jax import config_defaults, image_configs
-from score_sde_jax.train import config_utils
+from score_sde_jax.run import config_utils
 
 CONFIG_CHAIN = re.compile(r"^(self\.|FLAGS\.)?\w*config\w*(\.\w+|\[[^]]+\])*$")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -27,7 +27,7 @@ import pytest
 
 from score_sde_jax import config_defaults
 from score_sde_jax import train as train_lib
-from score_sde_jax.train import checkpoint as ckpt_lib
+from score_sde_jax.run import checkpoint as ckpt_lib
 from score_sde_jax.train import lock as lock_lib
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
@@ -73,7 +73,7 @@ def train(config, workdir, messages=None, **kw):
 
 
 def _abstract(config):
-  from score_sde_jax.train import restore
+  from score_sde_jax.run import restore
   return restore.abstract_train_state(config)
 
 
@@ -310,7 +310,7 @@ def test_readers_never_move_clean_or_write_while_a_training_saves(trained, tmp_p
   next one (orbax's temporary directory): they skip the unreadable one (left in place) and leave the
   save in progress alone; the workdir is unchanged byte for byte."""
   from score_sde_jax import checkpoints
-  from score_sde_jax.train import restore
+  from score_sde_jax.run import restore
   work = copy_of(trained, tmp_path)
   corrupt(work / "checkpoints" / "4")
   tmp = work / "checkpoints" / "6.orbax-checkpoint-tmp-1764527400"   # what orbax writes while saving step 6

@@ -4,7 +4,7 @@ training, and reading never modifies the checkpoint folder.
 One workdir (module fixture, built once even under xdist): `configs/toy/ve_ring8.py` shrunk to a width-16
 MLP, trained to step 8 on 1 device and resumed to step 16 on 8 devices (the issue's case: the newest
 checkpoint was written by another topology than the one that reads it).  The scripts run in
-subprocesses with XLA_FLAGS device counts.  What is bit-identical and what is not: `train/restore.py`.
+subprocesses with XLA_FLAGS device counts.  What is bit-identical and what is not: `run/restore.py`.
 """
 import contextlib
 import fcntl
@@ -190,7 +190,7 @@ def _nll_step8_one_device(mixed, tmp_path):
 def test_resume_on_another_device_count_follows_the_uninterrupted_run(mixed, tmp_path):
   """1 device (steps 1-8) → 8 devices (9-16) → 1 device (17-24) ends where a 24-step run on 1 device
   ends: step and PRNG key bit for bit, parameters, EMA and optimiser state to float rounding."""
-  from score_sde_jax.train import parallel, restore
+  from score_sde_jax.run import parallel, restore
   work = tmp_path / "work"
   shutil.copytree(mixed, work, ignore=shutil.ignore_patterns("eval", "samples"))
   train = ["scripts/train.py", f"--config={CONFIG}", "--noprogress", "--notoy_report"] + OVERRIDES + [
@@ -220,7 +220,7 @@ def test_resume_on_another_device_count_follows_the_uninterrupted_run(mixed, tmp
 def test_restored_state_is_bit_identical_on_any_mesh(mixed):
   """The same checkpoint (written on 8 devices) restored onto 1 and onto 4 devices: equal bit for bit,
   replicated over the requested mesh."""
-  from score_sde_jax.train import parallel, restore
+  from score_sde_jax.run import parallel, restore
   c = config()
   out = {}
   for n in (1, 4):
@@ -236,7 +236,7 @@ def test_restored_state_is_bit_identical_on_any_mesh(mixed):
 
 def test_data_state_of_any_host_count():
   """The iterator state is global: what n hosts saved resumes on any number of hosts."""
-  from score_sde_jax.train import checkpoint as ckpt_lib
+  from score_sde_jax.run import checkpoint as ckpt_lib
   s = {"step": 7, "seed": 3, "dataset": "ring8", "global_batch_size": 32, "num_examples": 512}
   saved = {"process_count": 4, "states": [dict(s) for _ in range(4)], "num_devices": 32}
   assert ckpt_lib.decode_data_state(saved) == s                        # 4 hosts → this 1

@@ -17,8 +17,9 @@ import pytest
 
 from score_sde_jax import config_defaults
 from score_sde_jax import train as train_lib
-from score_sde_jax.train import checkpoint as ckpt_lib
-from score_sde_jax.train import config_utils, loop, metric_writer
+from score_sde_jax.run import checkpoint as ckpt_lib
+from score_sde_jax.run import config_utils
+from score_sde_jax.train import loop, metric_writer
 
 HERE = os.path.abspath(__file__)
 

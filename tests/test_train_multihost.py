@@ -91,7 +91,7 @@ def test_two_hosts_match_single_device_and_resume(tmp_path):
 
 def _worker(argv):
   workdir, n_iters, out = argv[0], int(argv[1]), argv[2]
-  from score_sde_jax.train import parallel
+  from score_sde_jax.run import parallel
   assert parallel.initialize_distributed()     # from the environment, as the scripts do
   sys.path.insert(0, TESTS)
   from test_train import _params_flat, tiny_config

@@ -30,9 +30,9 @@ import numpy as np
 
 from score_sde_jax import config_defaults, datasets
 from score_sde_jax import draw as draw_lib
-from score_sde_jax.train import checkpoint as ckpt_lib
-from score_sde_jax.train import parallel
-from score_sde_jax.train import state as state_lib
+from score_sde_jax.run import checkpoint as ckpt_lib
+from score_sde_jax.run import parallel
+from score_sde_jax.run import state as state_lib
 from score_sde_jax.train import step as step_lib
 
 

@@ -97,8 +97,8 @@ def wants_verbose(argv: Sequence[str]) -> bool:
 def user_error_types() -> Tuple[Type[BaseException], ...]:
   """The exceptions that mean bad input in every script."""
   from score_sde_jax.checkpoints import CheckpointError
-  from score_sde_jax.train.config_utils import ConfigError
-  from score_sde_jax.train.parallel import DistributedError
+  from score_sde_jax.run.config_utils import ConfigError
+  from score_sde_jax.run.parallel import DistributedError
   return (UserError, ConfigError, CheckpointError, DistributedError, FileNotFoundError, NotADirectoryError,
           IsADirectoryError)
 
@@ -125,7 +125,7 @@ def _given_value(argv: Sequence[str], name: str) -> Optional[str]:
 
 def config_file_problem(path: str) -> Optional[str]:
   """Why the config file `path` (optionally `path:arg`) cannot be loaded, as one line, or None."""
-  from score_sde_jax.train import config_utils
+  from score_sde_jax.run import config_utils
   file_path = path.split(":", 1)[0]
   if not file_path:
     return "the path is empty: pass a config file, e.g. configs/toy/ve_ring8.py"
@@ -148,7 +148,7 @@ def config_file_problem(path: str) -> Optional[str]:
 
 def _unknown_override(fv, argv: Sequence[str]) -> Optional[str]:
   """The first `--<config>.a.b` override in argv naming a key its config does not have, explained."""
-  from score_sde_jax.train import config_utils
+  from score_sde_jax.run import config_utils
   for name in _config_flag_names(fv):
     path = _given_value(argv, name)
     if not path:
@@ -264,7 +264,7 @@ def start_and_run(fv, fn: Callable[[], Optional[int]], *, user_errors: Tuple[Typ
   """What train.py, sample.py and evaluate.py do once their flags are parsed: the shared multi-host
   start-up (`--multihost` / SCORE_SDE_DISTRIBUTED=1; a bad setting is one `ERROR:` line and exit 2), then
   `fn` guarded (`guarded`) under `parallel.run_main`."""
-  from score_sde_jax.train import parallel
+  from score_sde_jax.run import parallel
   try:
     parallel.initialize_distributed(True if fv.multihost else None)
   except parallel.DistributedError as e:

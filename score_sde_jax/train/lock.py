@@ -33,7 +33,7 @@ import sys
 import time
 from typing import Dict, List, Optional
 
-from score_sde_jax.train.config_utils import ConfigError
+from score_sde_jax.run.config_utils import ConfigError
 
 LOCK_FILE = ".lock"
 

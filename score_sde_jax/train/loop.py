@@ -40,12 +40,12 @@ from score_sde_jax import config_defaults
 from score_sde_jax import datasets
 from score_sde_jax import sde as sde_lib
 from score_sde_jax.train import actions
-from score_sde_jax.train import checkpoint as ckpt_lib
+from score_sde_jax.run import checkpoint as ckpt_lib
 from score_sde_jax.train.actions import NonFiniteLossError  # noqa: F401  (re-exported)
-from score_sde_jax.train import config_utils
+from score_sde_jax.run import config_utils
 from score_sde_jax.train import metric_writer
-from score_sde_jax.train import parallel
-from score_sde_jax.train import state as state_lib
+from score_sde_jax.run import parallel
+from score_sde_jax.run import state as state_lib
 from score_sde_jax.train import step as step_lib
 
 
@@ -235,7 +235,7 @@ def train(config, workdir: str, *, devices: Optional[Sequence] = None, force_res
 def _state_mismatch(workdir: str, config, mesh) -> Optional[str]:
   """How the train state of `config` differs from the one the workdir's saved config builds (the first
   differing leaf), or None when they match or the saved config cannot be built (the restore decides)."""
-  from score_sde_jax.train import restore as restore_lib
+  from score_sde_jax.run import restore as restore_lib
   try:
     old = restore_lib.abstract_train_state(restore_lib.load_workdir_config(workdir), mesh)
   except Exception:  # noqa: BLE001
@@ -256,7 +256,7 @@ def _train_locked(*, config, workdir, progress, report, async_checkpoint, handle
                   log_dir) -> TrainResult:
   """The part of `train` that runs with the workdir locked: build, restore (or initialise), loop."""
   from score_sde_jax import models as models_lib
-  from score_sde_jax.train import restore as restore_lib
+  from score_sde_jax.run import restore as restore_lib
 
   t_cfg = config.training
   sde = sde_lib.sde_from_config(config)
@@ -276,7 +276,7 @@ def _train_locked(*, config, workdir, progress, report, async_checkpoint, handle
   checkpointer = ckpt_lib.Checkpointer(workdir, snapshot_freq=int(t_cfg.snapshot_freq),
                                        async_save=async_checkpoint)
   try:
-    # The one restore (train/restore.py): onto this run's mesh, whatever topology wrote the checkpoint.
+    # The one restore (run/restore.py): onto this run's mesh, whatever topology wrote the checkpoint.
     restored = restore_lib.restore_checkpoint(checkpointer, abstract, mesh=mesh, report=report)
     if restored is not None:
       state, first = restored.state, None

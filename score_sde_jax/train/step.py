@@ -1,7 +1,7 @@
 """Pure training and evaluation steps.
 
 `train_step(state, batch, key=None) -> (state, metrics)` is a pure function of its arguments: jit it with
-whatever shardings you like (`score_sde_jax.train.parallel` replicates the state and shards the batch
+whatever shardings you like (`score_sde_jax.run.parallel` replicates the state and shards the batch
 along a 1-D device mesh, and the compiler inserts the gradient all-reduce).  With `key=None` the step
 splits the state's own PRNG key, which is what the training loop does, so that a resumed run draws the
 same noise as an uninterrupted one.
@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from score_sde_jax import losses as losses_lib
-from score_sde_jax.train import state as state_lib
+from score_sde_jax.run import state as state_lib
 
 Metrics = Dict[str, jax.Array]
 

@@ -31,7 +31,7 @@ def toy_report(config, workdir: str, state, samples=None, report=print) -> Dict[
   sde = sde_lib.sde_from_config(config)
   model = models_lib.get_model(config)
   scaler = datasets.get_data_scaler(config)
-  from score_sde_jax.train import parallel
+  from score_sde_jax.run import parallel
   params = parallel.tree_to_host(state.ema_params)
   continuous = bool(config.training.continuous)
   x_test = datasets.test_points(config)

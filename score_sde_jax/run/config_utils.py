@@ -216,7 +216,7 @@ def _build_errors(config) -> List[str]:
   shape = attempt("data", lambda: (1,) + datasets.data_shape(config))
   model = attempt("model", lambda: models.get_model(config))
   if model is not None and shape is not None:
-    from score_sde_jax.train import state as state_lib
+    from score_sde_jax.run import state as state_lib
     attempt("model", lambda: jax.eval_shape(
         lambda k: state_lib.init_variables(config, model, k, shape), jax.random.PRNGKey(0)))
   if sde is not None and model is not None:

@@ -36,9 +36,9 @@ import jax
 import ml_collections
 
 from score_sde_jax import datasets
-from score_sde_jax.train import checkpoint as ckpt_lib
-from score_sde_jax.train import config_utils
-from score_sde_jax.train import state as state_lib
+from score_sde_jax.run import checkpoint as ckpt_lib
+from score_sde_jax.run import config_utils
+from score_sde_jax.run import state as state_lib
 
 
 def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
@@ -54,7 +54,7 @@ def abstract_train_state(config, mesh=None, tx=None, shape: Optional[Tuple[int, 
   """The TrainState of `config` as ShapeDtypeStructs replicated over `mesh` (default: every device of
   every host); no computation."""
   from score_sde_jax import models
-  from score_sde_jax.train import parallel
+  from score_sde_jax.run import parallel
   model = models.get_model(config)
   shape = (1,) + tuple(shape if shape is not None else datasets.data_shape(config))
   abstract = jax.eval_shape(lambda k: state_lib.create_train_state(config, model, k, shape, tx),
@@ -78,7 +78,7 @@ def restore_checkpoint(checkpointer: ckpt_lib.Checkpointer, abstract_state, step
   """The one restore (see the module docstring): checkpoint `step` (errors propagate, naming it), or the
   newest that restores and passes `check` (None when there is no checkpoint).  Arrays land replicated
   on `mesh` (default: every device of every host) unless `abstract_state`'s leaves carry shardings."""
-  from score_sde_jax.train import parallel
+  from score_sde_jax.run import parallel
   target = ckpt_lib.restore_target(
       abstract_state, parallel.replicated(mesh) if mesh is not None else None)
   if step is not None:

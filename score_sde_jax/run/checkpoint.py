@@ -102,7 +102,7 @@ def restore_target(abstract_state, sharding=None):
   a leaf's own sharding where it has one, else `sharding` (default: replicated over every device of every
   host).  Restoring with these ignores the devices recorded in the checkpoint."""
   if sharding is None:
-    from score_sde_jax.train import parallel
+    from score_sde_jax.run import parallel
     sharding = NamedSharding(parallel.make_mesh(), PartitionSpec())
 
   def one(a):
