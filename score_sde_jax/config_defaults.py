@@ -33,7 +33,8 @@ def base_config() -> ml_collections.ConfigDict:
   training.n_jitted_steps = 1         # added: train steps per compiled lax.scan
 
   config.sampling = sampling = ml_collections.ConfigDict()
-  sampling.method = "pc"              # 'pc' | 'ode' | 'ald' (annealed Langevin)
+  sampling.method = "pc"              # 'pc' | 'ode' | 'ald' (annealed Langevin) | fast samplers: 'ddim' |
+                                      # 'edm_heun' | 'edm_euler' | 'dpm_solver' | 'dpm_solver_pp'
   sampling.predictor = "reverse_diffusion"
   sampling.corrector = "langevin"
   sampling.n_steps_each = 1
@@ -52,6 +53,20 @@ def base_config() -> ml_collections.ConfigDict:
                                       # code) | 'per_example' (each sample its own steps); see ode.py
   sampling.ald_step_lr = 2e-5         # added: ε of annealed Langevin dynamics
   sampling.num_samples = 64           # added: samples drawn at each snapshot
+  sampling.num_steps = 50             # added: fast samplers: steps ('ddim', 'edm_euler': NFE = num_steps;
+                                      # 'edm_heun': 2 num_steps - 1) or the NFE budget ('dpm_solver',
+                                      # 'dpm_solver_pp'); +1 NFE with noise_removal (the Tweedie step)
+  sampling.ddim_eta = 0.0             # added: DDIM eta in [0, 1]: 0 deterministic (ODE), 1 ancestral (DDPM)
+  sampling.edm_rho = 7.0              # added: EDM: rho of the Karras noise schedule
+  sampling.edm_s_churn = 0.0          # added: EDM Alg. 2 S_churn (0: deterministic, Alg. 1)
+  sampling.edm_s_tmin = 0.0           # added: churn only where S_tmin <= sigma~ <= S_tmax (sigma~ = s/m)
+  sampling.edm_s_tmax = 1e30          # added: EDM's infinity, finite so that config.json stays plain JSON
+  sampling.edm_s_noise = 1.0          # added: EDM S_noise
+  sampling.solver_order = 3           # added: DPM-Solver order 1 | 2 | 3
+  sampling.dpm_order_schedule = "fast"  # added: 'fast' (the papers' order mix for the NFE) | 'fixed'
+  sampling.dpm_thresholding = False   # added: DPM-Solver++ dynamic thresholding of x0-hat to the data range
+                                      # ([-1, 1] if data.centered else [0, 1]); refused for toy data
+  sampling.dpm_threshold_ratio = 0.995  # added: the thresholding quantile
 
   config.eval = evaluate = ml_collections.ConfigDict()
   evaluate.begin_ckpt = 1

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from score_sde_jax import checks
+from score_sde_jax import fast_sampler_config
 from score_sde_jax import ode as ode_lib
 from score_sde_jax import sde as sde_lib
 
@@ -355,14 +356,17 @@ def ode_sample(key, sde, score_fn, shape, solver=ode_lib.DEFAULT_SOLVER, rtol=1e
   return x, nfe
 
 
-SAMPLING_METHODS = ("pc", "ode", "ald")
+SAMPLING_METHODS = ("pc", "ode", "ald") + fast_sampler_config.METHODS
 
 
 def get_sampler(config, sde, shape):
-  """`sample_fn(key, score_fn) -> (x, nfe)` for `config.sampling` (method 'pc', 'ode' or 'ald')."""
+  """`sample_fn(key, score_fn) -> (x, nfe)` for `config.sampling` (method 'pc', 'ode', 'ald', or a fast
+  sampler of `fast_sampler_config.METHODS`: DDIM, EDM, DPM-Solver, DPM-Solver++)."""
   s = config.sampling
   method = checks.check_choice("sampling.method", s.method, SAMPLING_METHODS)
   shape = checks.check_shape("shape", shape)
+  if method in fast_sampler_config.METHODS:
+    return fast_sampler_config.sampler_from_config(config, sde, shape)
   eps = float(s.eps)
   if method == "pc":
     get_predictor(s.predictor), get_corrector(s.corrector)  # validate names now
