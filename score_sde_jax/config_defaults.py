@@ -31,6 +31,13 @@ def base_config() -> ml_collections.ConfigDict:
   training.snapshot_sampling = True
   training.snapshot_weights = "ema"   # added: weights of the snapshot samples: 'ema' (paper) | 'raw'
   training.n_jitted_steps = 1         # added: train steps per compiled lax.scan
+  training.task = "score"             # added: what is trained: 'score' (the score model s_θ(x, t[, y])) |
+                                      # 'classifier' (p(y | x) on clean data, e.g. the FID-MNIST feature net) |
+                                      # 'noise_classifier' (p_t(y | x(t)) on x(t) ~ p_0t(x(t) | x(0)),
+                                      # t ~ U[eps, 1], for classifier guidance); see classifier.py
+  training.label_dropout = 0.0        # added: class-conditional score models (model.num_classes > 0):
+                                      # the probability that a label is replaced by the null class ∅ =
+                                      # num_classes (classifier-free guidance's p_uncond; 0.1-0.2 usual)
 
   config.sampling = sampling = ml_collections.ConfigDict()
   sampling.method = "pc"              # 'pc' | 'ode' | 'ald' (annealed Langevin) | fast samplers: 'ddim' |
@@ -84,6 +91,21 @@ def base_config() -> ml_collections.ConfigDict:
   evaluate.atol = 1e-5                # added
   evaluate.eps = 1e-5                 # added
   evaluate.solver = "rk45"            # added: as sampling.ode_solver (the adaptive ones)
+  evaluate.feature_net = "inception"  # added: FID/KID/IS features (enable_sampling): 'inception'
+                                      # (pytorch-fid's FID Inception-v3) | 'mnist' (metrics.MNISTClassifier)
+  evaluate.feature_net_path = ""      # added: inception: its .pth ('' = $SCORE_SDE_INCEPTION or ~/.cache/
+                                      # score_sde_jax/); mnist: a .msgpack of its variables or its workdir
+  evaluate.ref_stats = ""             # added: reference statistics .npz (pytorch-fid mu/sigma or official
+                                      # pool_3); '' = computed from data.dataset's ref_split, cached
+  evaluate.ref_split = "train"        # added: split of the reference statistics (a tfds slice such as
+                                      # 'train[:10000]' works too)
+  evaluate.stats_dir = ""             # added: cache of reference statistics ('' = $SCORE_SDE_STATS_DIR or
+                                      # ~/.cache/score_sde_jax/stats)
+  evaluate.kid_subset_size = 1000     # added: KID subset size
+  evaluate.kid_reservoir_size = 10000  # added: features kept per set (a uniform sample) that KID's subsets
+                                      # are drawn from (bounds the memory: 10000 x 2048 float32 = 80 MB)
+  evaluate.kid_num_subsets = 100      # added: KID subsets averaged
+  evaluate.is_splits = 10             # added: Inception Score splits
 
   config.data = data = ml_collections.ConfigDict()
   data.dataset = "CIFAR10"
@@ -109,6 +131,11 @@ def base_config() -> ml_collections.ConfigDict:
   model.nf = 128
   model.dtype = "float32"             # added: compute dtype ('bfloat16': bf16 compute, fp32 params)
   model.remat = False                 # added: rematerialise blocks to save memory
+  model.num_classes = 0               # added: > 0 conditions the score model on a class label (a learned
+                                      # embedding of num_classes + 1 rows, the last the null class ∅);
+                                      # the number of classes of a classifier (training.task)
+  model.blocks_per_group = 4          # added: the noise-conditional WideResNet classifier (official
+  model.channel_multiplier = 10       # WRN-28-10: depth 6·4 + 4 = 28, width ×10); models/wideresnet.py
 
   config.optim = optim = ml_collections.ConfigDict()
   optim.weight_decay = 0.0
@@ -142,7 +169,6 @@ def image_model_fields(config):
   m.init_scale = 0.0
   m.conv_size = 3
   m.interpolation = "bilinear"
-  m.num_classes = 0
   return config
 
 
@@ -152,6 +178,12 @@ TOY_DATASETS = ("mixture1d", "ring8", "checkerboard", "moons", "swissroll")   # 
 def is_toy(config) -> bool:
   """Whether `config` trains on a toy (low-dimensional, in-memory) dataset rather than images."""
   return str(config.data.dataset).lower() in TOY_DATASETS
+
+
+def uses_labels(config) -> bool:
+  """Whether training reads class labels: a classifier (training.task) or a class-conditional score
+  model (model.num_classes > 0)."""
+  return str(config.training.task) != "score" or int(config.model.num_classes) > 0
 
 
 def toy_config(sde: str = "vesde", dataset: str = "ring8") -> ml_collections.ConfigDict:

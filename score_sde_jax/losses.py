@@ -197,13 +197,25 @@ def get_per_example_loss_fn(sde: sde_lib.SDE, apply_fn: Callable, config, train:
     _check_common(sde, eps, weighting, importance_sampling)
   parameterization = "score" if isinstance(sde, sde_lib.VESDE) else "noise"
 
+  num_classes, p_uncond = int(config.model.num_classes), float(config.training.label_dropout)
+
   def losses_fn(key, params, batch):
     x = batch["image"]
     k_drop, k_loss = jax.random.split(key)
+    kwargs = {}
+    if num_classes > 0:
+      # Class-conditional s_θ(x, t, y): in training, each label is replaced by the null class ∅ =
+      # num_classes with probability training.label_dropout, so that one network also learns the
+      # unconditional score s_θ(x, t, ∅) of classifier-free guidance (Ho & Salimans 2022).
+      y = jnp.asarray(batch["label"], jnp.int32)
+      if train and p_uncond > 0:
+        k_drop, k_y = jax.random.split(k_drop)
+        y = jnp.where(jax.random.uniform(k_y, y.shape) < p_uncond, num_classes, y)
+      kwargs["class_labels"] = y
 
     def model_fn(y, labels):
       rngs = {"dropout": k_drop} if train else {}
-      return apply_fn(params, y, labels, train=train, rngs=rngs)
+      return apply_fn(params, y, labels, train=train, rngs=rngs, **kwargs)
 
     if loss_name == "smld":
       return smld_loss(k_loss, model_fn, x, sde, reduce_mean=reduce_mean)

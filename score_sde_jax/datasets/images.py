@@ -291,35 +291,57 @@ class _ImageSource:
 
 
 class _ToySource:
-  """A fixed sample of a toy distribution held in memory."""
+  """A fixed sample of a toy distribution held in memory.  When the config asks for labels
+  (`config_defaults.uses_labels`: a classifier or a class-conditional model), the Gaussian mixtures label
+  each point with its component (`labels`, int32); otherwise, and for the sampled toys, `labels` is None
+  and the batches hold 'image' only."""
   is_toy = True
 
   def __init__(self, config, train: bool, seed: int):
+    from score_sde_jax import config_defaults  # pylint: disable=import-outside-toplevel
     if train:
-      self.data = _toy_sample(config.data.dataset, int(config.data.num_train), int(seed), 0)
+      self.data, self.labels = _toy_sample(config.data.dataset, int(config.data.num_train), int(seed), 0)
     else:
-      self.data = _toy_sample(config.data.dataset, int(config.data.num_test), TOY_TEST_SEED, 1)
+      self.data, self.labels = _toy_sample(config.data.dataset, int(config.data.num_test), TOY_TEST_SEED, 1)
+    if not config_defaults.uses_labels(config):
+      self.labels = None
     self.num_examples = self.data.shape[0]
     self.shape = self.data.shape[1:]
 
   def get(self, indices: np.ndarray):
-    return self.data[np.asarray(indices, dtype=np.int64)], None
+    indices = np.asarray(indices, dtype=np.int64)
+    return self.data[indices], None if self.labels is None else self.labels[indices]
 
 
 TOY_TEST_SEED = 20210101  # fixed seed of the held-out toy sample (independent of config.seed)
 
 
 @functools.lru_cache(maxsize=8)
-def _toy_sample(name: str, n: int, seed: int, tag: int) -> np.ndarray:
-  """`n` points of toy distribution `name` from key fold_in(PRNGKey(seed), tag); read-only, memoised."""
+def _toy_sample(name: str, n: int, seed: int, tag: int):
+  """(`n` points of toy distribution `name` from key fold_in(PRNGKey(seed), tag), their mixture components
+  or None); read-only, memoised.  The points are the same with or without components (same draws)."""
   import jax  # pylint: disable=import-outside-toplevel
   from score_sde_jax.datasets import toy  # pylint: disable=import-outside-toplevel
   key = jax.random.fold_in(jax.random.PRNGKey(seed), tag)
-  data = np.array(toy.get_toy_dataset(name).sample(key, n), dtype=np.float32)
+  dist = toy.get_toy_dataset(name)
+  labels = None
+  if isinstance(dist, toy.GaussianMixture):
+    data, comp = dist.sample_with_components(key, n)
+    labels = np.array(comp, dtype=np.int32)
+    labels.setflags(write=False)
+  else:
+    data = dist.sample(key, n)
+  data = np.array(data, dtype=np.float32)
   if data.ndim == 1:
     data = data[:, None]
   data.setflags(write=False)
-  return data
+  return data, labels
+
+
+def toy_has_labels(name: str) -> bool:
+  """Whether toy dataset `name` labels its points (the Gaussian mixtures: the component)."""
+  from score_sde_jax.datasets import toy  # pylint: disable=import-outside-toplevel
+  return isinstance(toy.get_toy_dataset(name), toy.GaussianMixture)
 
 
 def get_train_iterator(config, *, batch_size: int | None = None, seed: int | None = None,
@@ -329,7 +351,8 @@ def get_train_iterator(config, *, batch_size: int | None = None, seed: int | Non
 
   Images: `{'image': float32 [B_host, H, W, C] in [0, 1] (random flip and optional uniform dequantisation
   (x + U[0, 1)) / 256 applied), 'label': int32 [B_host]}` (label 0 for datasets without labels). Toy data:
-  `{'image': float32 [B_host, D]}` from a fixed sample of `config.data.num_train` points. `batch_size` is
+  `{'image': float32 [B_host, D]}` (+ 'label': the mixture component, for the Gaussian mixtures when the
+  config uses labels) from a fixed sample of `config.data.num_train` points. `batch_size` is
   the global batch (default `config.training.batch_size`), B_host = batch_size / process_count; `seed`
   defaults to `config.seed`; process index/count default to JAX's.
   """

@@ -191,7 +191,7 @@ class TrainIterator:
     indices = self._perms.indices(positions)
     data, labels = self._source.get(indices)
     if self._source.is_toy:
-      return {"image": data}
+      return {"image": data} if labels is None else {"image": data, "label": labels}
     images = _augment(data, positions, self.seed, self._flip, self._dequantize)
     return {"image": images, "label": labels}
 
@@ -257,7 +257,11 @@ class EvalIterator:
     if self._source.is_toy:
       out = np.zeros((self.batch_size,) + tuple(self._source.shape), np.float32)
       out[:n_valid] = data
-      return {"image": out, "mask": mask}
+      if labels is None:
+        return {"image": out, "mask": mask}
+      label = np.zeros((self.batch_size,), np.int32)
+      label[:n_valid] = labels
+      return {"image": out, "label": label, "mask": mask}
     image_int = np.zeros((self.batch_size,) + tuple(self._source.shape), np.uint8)
     image_int[:n_valid] = data
     label = np.zeros((self.batch_size,), np.int32)

@@ -20,13 +20,18 @@ class MLP(nn.Module):
   Fourier features, 'positional' embeds the label sinusoidally.  With `model.scale_by_sigma` the output
   is divided by σ, so that the network predicts σ·s, as NCSN++ does.  Config fields used: model.nf
   (width), model.num_layers, model.embedding_type, model.fourier_scale, model.scale_by_sigma,
-  training.sde and training.continuous (which labels arrive).
+  model.num_classes, training.sde and training.continuous (which labels arrive).
+
+  Class conditioning (model.num_classes = K > 0): `class_labels` [B] ints in [0, K] select a learned
+  embedding E[y] (K + 1 rows; row K is the null class ∅ of classifier-free guidance) that is added to
+  the time embedding after its two Dense layers, temb = Dense(silu(Dense(emb(t)))) + E[y], so every
+  block sees it.  With K = 0 the parameters are exactly those of the unconditional network.
   """
 
   config: object
 
   @nn.compact
-  def __call__(self, x, labels, train: bool = False):
+  def __call__(self, x, labels, train: bool = False, class_labels=None):
     m = self.config.model
     nf = int(m.nf)
     batch = x.shape[0]
@@ -48,6 +53,7 @@ class MLP(nn.Module):
                        f"'fourier', 'positional'.")
     temb = nn.Dense(nf)(temb)
     temb = nn.Dense(nf)(nn.silu(temb))
+    temb = embeddings.class_embedding(self.config, class_labels, temb, nf)
     h = nn.Dense(nf)(h)
     for _ in range(int(m.num_layers)):
       r = nn.silu(h + nn.Dense(nf)(nn.silu(temb)))

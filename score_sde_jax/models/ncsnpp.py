@@ -7,8 +7,10 @@ resblock_type ('ddpm' | 'biggan'), progressive ('none' | 'output_skip' | 'residu
 'positional'), fourier_scale, scale_by_sigma, init_scale, nonlinearity.  The deep variants are the same
 network with more residual blocks per resolution (num_res_blocks = 8).
 
-Additions: `num_classes` > 0 adds a class-label embedding (`class_labels=` keyword), `dtype` sets the
-compute dtype (parameters stay float32), `remat` rematerialises the residual blocks.
+Additions: `num_classes` > 0 adds a class-label embedding (`class_labels=` keyword; a table of
+num_classes + 1 rows, the last the null class ∅ of classifier-free guidance, see
+`embeddings.class_embedding`), `dtype` sets the compute dtype (parameters stay float32), `remat`
+rematerialises the residual blocks.
 
 The top-level sub-modules are created in exactly the order of the official network's module list, and
 named as the official JAX code names them (Dense_0, Conv_0, ResnetBlockBigGANpp_3, …); `convert.py`
@@ -23,7 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from score_sde_jax.models import layers, layerspp
-from score_sde_jax.models.embeddings import GaussianFourierProjection, get_timestep_embedding
+from score_sde_jax.models.embeddings import (GaussianFourierProjection, class_embedding,  # noqa: F401
+                                             get_timestep_embedding)
 from score_sde_jax.models.registry import register_model
 
 _SQRT2 = float(np.sqrt(2.0))
@@ -51,23 +54,6 @@ class _Namer:
     k = self.counts.get(kind, 0)
     self.counts[kind] = k + 1
     return f"{kind}_{k}"
-
-
-def class_embedding(config, class_labels, temb, dim, dtype):
-  """Adds the class-label embedding (num_classes > 0) to the time embedding `temb` (or returns it
-  alone when the network is not noise-conditional)."""
-  num_classes = int(config.model.num_classes)
-  if num_classes <= 0:
-    if class_labels is not None:
-      raise ValueError("class_labels were given but config.model.num_classes is 0; set "
-                       "model.num_classes to the number of classes for a class-conditional model.")
-    return temb
-  if class_labels is None:
-    raise ValueError(f"this model is class-conditional (model.num_classes = {num_classes}); pass "
-                     f"class_labels=<int array [B]> to apply().")
-  cemb = nn.Embed(num_classes, dim, embedding_init=nn.initializers.normal(1.0), dtype=dtype,
-                  param_dtype=jnp.float32, name="class_embed")(jnp.asarray(class_labels, jnp.int32))
-  return cemb if temb is None else temb + cemb
 
 
 @register_model("ncsnpp")

@@ -182,6 +182,7 @@ def validate_config(config, num_devices: int = 1) -> List[str]:
     hint = f"; did you mean {close[0]!r}?" if close else ""
     errors.append(f"data.dataset={ds!r} is not a known dataset{hint} (images: "
                   f"{', '.join(IMAGE_DATASETS)}; toy: {', '.join(toy)})")
+  errors += _label_errors(config, toy)
   if not 0.0 <= config.model.ema_rate < 1.0:
     errors.append(f"model.ema_rate={config.model.ema_rate} must lie in [0, 1)")
   if config.model.dtype not in ("float32", "bfloat16", "float16"):
@@ -191,6 +192,30 @@ def validate_config(config, num_devices: int = 1) -> List[str]:
   if errors:
     raise ConfigError("Invalid config:\n  - " + "\n  - ".join(errors))
   return warnings
+
+
+def _label_errors(config, toy_datasets) -> List[str]:
+  """training.task, model.num_classes and training.label_dropout against each other and the data."""
+  from score_sde_jax import classifier
+  t, errors = config.training, []
+  if t.task not in classifier.TASKS:
+    errors.append(f"training.task={t.task!r}; allowed values: {', '.join(map(repr, classifier.TASKS))}")
+  n = config.model.num_classes
+  if n < 0 or (t.task != "score" and n < 2):
+    errors.append(f"model.num_classes={n}: a {'classifier' if t.task != 'score' else 'model'} needs "
+                  f"{'at least 2 classes' if t.task != 'score' else '0 (unconditional) or the number of classes'}")
+  if not 0.0 <= t.label_dropout < 1.0:
+    errors.append(f"training.label_dropout={t.label_dropout} must lie in [0, 1)")
+  elif t.label_dropout > 0 and not (t.task == "score" and n > 0):
+    errors.append(f"training.label_dropout={t.label_dropout} needs a class-conditional score model "
+                  f"(training.task='score', model.num_classes > 0); set it to 0")
+  if config_defaults.uses_labels(config) and config.data.dataset in toy_datasets:
+    from score_sde_jax.datasets.images import toy_has_labels
+    if not toy_has_labels(config.data.dataset):
+      errors.append(f"data.dataset={config.data.dataset!r} has no class labels (the Gaussian mixtures "
+                    f"mixture1d and ring8 label points by component): use one of those, or "
+                    f"model.num_classes=0 with training.task='score'")
+  return errors
 
 
 def _build_errors(config) -> List[str]:
@@ -220,7 +245,11 @@ def _build_errors(config) -> List[str]:
     attempt("model", lambda: jax.eval_shape(
         lambda k: state_lib.init_variables(config, model, k, shape), jax.random.PRNGKey(0)))
   if sde is not None and model is not None:
-    attempt("training", lambda: losses.get_loss_fn(sde, model.apply, config))
+    if config.training.task == "score":
+      attempt("training", lambda: losses.get_loss_fn(sde, model.apply, config))
+    else:
+      from score_sde_jax import classifier
+      attempt("training", lambda: classifier.get_losses_fn(sde, model.apply, config))
   if sde is not None and shape is not None:
     attempt("sampling", lambda: sampling.get_sampler(config, sde, shape))
   if "eval" in config:

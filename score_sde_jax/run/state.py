@@ -74,7 +74,10 @@ def init_variables(config, model, key, input_shape):
   x = jnp.zeros(input_shape, jnp.float32)
   labels = jnp.ones((1,), jnp.float32)
   k_params, k_drop = jax.random.split(key)
-  variables = model.init({"params": k_params, "dropout": k_drop}, x, labels, train=False)
+  kwargs = {}
+  if str(config.training.task) == "score" and int(config.model.num_classes) > 0:
+    kwargs["class_labels"] = jnp.zeros((1,), jnp.int32)     # a class-conditional score model
+  variables = model.init({"params": k_params, "dropout": k_drop}, x, labels, train=False, **kwargs)
   return _to_float32(flax.core.unfreeze(variables) if isinstance(variables, flax.core.FrozenDict)
                      else variables)
 

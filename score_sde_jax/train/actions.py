@@ -143,8 +143,11 @@ class LossEvaluator:
 
   def _on_device(self, b):
     bsh = self.ctx.bsh
-    return {"image": parallel.host_to_global(np.asarray(b["image"], np.float32), bsh),
-            "mask": parallel.host_to_global(np.asarray(b["mask"], bool), bsh)}
+    out = {"image": parallel.host_to_global(np.asarray(b["image"], np.float32), bsh),
+           "mask": parallel.host_to_global(np.asarray(b["mask"], bool), bsh)}
+    if config_defaults.uses_labels(self.ctx.config):
+      out["label"] = parallel.host_to_global(np.asarray(b["label"], np.int32), bsh)
+    return out
 
   def run(self, params, step: int) -> Optional[float]:
     """The mean loss of `params` over the whole test split (None without test data)."""
@@ -240,3 +243,48 @@ class SnapshotSampler:
     if self._score is None:
       self._score = draw_lib.score_program(c.config, c.sde, c.model)
     return lambda x, t: np.asarray(self._score(params, c.scaler(jnp.asarray(x)), jnp.asarray(t)))
+
+
+class AccuracyEvaluator:
+  """A classifier's test-split accuracy (`training.task` 'classifier' / 'noise_classifier'), written as
+  eval/accuracy; a noise-conditional one is measured at each t of `classifier.ACCURACY_TIMES` on x(t)
+  drawn from the perturbation kernel (eval/accuracy_t<t>, e.g. eval/accuracy_t0.5): the curve that
+  guidance depends on."""
+
+  def __init__(self, ctx: RunContext, writer):
+    from score_sde_jax import classifier as classifier_lib
+    self.ctx, self.writer = ctx, writer
+    noisy = str(ctx.config.training.task) == "noise_classifier"
+    self.times = tuple(classifier_lib.ACCURACY_TIMES) if noisy else (None,)
+    correct = classifier_lib.accuracy_fn(ctx.sde, step_lib.fp32_apply(ctx.model.apply), ctx.config)
+
+    def count(params, batch, key, t):
+      x = ctx.scaler(batch["image"])
+      ok = correct(params, key, x, batch["label"], jnp.full((x.shape[0],), t, jnp.float32))
+      return jnp.sum(ok * batch["mask"]), jnp.sum(batch["mask"])
+
+    self._count = jax.jit(count, in_shardings=(ctx.rep, ctx.bsh, ctx.rep, None),
+                          out_shardings=(ctx.rep, ctx.rep))
+
+  def run(self, params, step: int, loss_evaluator: LossEvaluator) -> Optional[Dict[str, float]]:
+    """{"accuracy" or "accuracy_t<t>": fraction correct} over the test split (None without test data)."""
+    c = self.ctx
+    if not loss_evaluator.available:
+      return None
+    it = loss_evaluator._open()  # pylint: disable=protected-access
+    hits = {t: 0.0 for t in self.times}
+    n = 0.0       # global counts: the jitted sums run over the sharded global batch
+    key0 = jax.random.fold_in(jax.random.PRNGKey(int(c.config.seed) + 3), step)
+    for i, b in enumerate(it):
+      batch = loss_evaluator._on_device(b)  # pylint: disable=protected-access
+      for j, t in enumerate(self.times):
+        key = jax.device_put(jax.random.fold_in(key0, i * len(self.times) + j), c.rep)
+        h, m = self._count(params, batch, key, 0.0 if t is None else float(t))
+        hits[t] += float(parallel.to_host(h))
+      n += float(parallel.to_host(m))
+    n_global = n
+    acc = {("accuracy" if t is None else f"accuracy_t{t:g}"): hits[t] / max(n_global, 1.0) for t in self.times}
+    self.writer.write_scalars(step, {f"eval/{k}": v for k, v in acc.items()})
+    self.writer.flush()
+    c.say(f"step {step}: test accuracy (EMA params) " + ", ".join(f"{k} {v:.4f}" for k, v in acc.items()))
+    return acc

@@ -361,10 +361,12 @@ def _loop(ctx, state, first, steps, checkpointer, train_iter, *, data_shape, wor
                                 start_step=step, keep_history=keep_history, clock=time.time)
   ckpt = actions.Checkpointing(checkpointer, train_iter, logger, ctx.mesh.devices.size, resumed_from)
   evaluator = actions.LossEvaluator(ctx, writer)
-  sampler = actions.SnapshotSampler(ctx, data_shape)
+  sampler = (actions.SnapshotSampler(ctx, data_shape) if str(config.training.task) == "score"
+             else actions.AccuracyEvaluator(ctx, writer))
   do_batch_eval = eval_freq > 0 and bool(config.eval.enable_loss)
   catcher = _SignalCatcher(handle_signals)
   samples = None
+  batch_keys = ("image", "label") if config_defaults.uses_labels(config) else ("image",)
   if resumed_from is None:
     ctx.say(f"Training from scratch in {workdir} on {ctx.mesh.devices.size} device(s) "
             f"({jax.devices()[0].platform}), global batch {global_batch}.")
@@ -375,7 +377,7 @@ def _loop(ctx, state, first, steps, checkpointer, train_iter, *, data_shape, wor
       n = n_jit if (p_multi is not None and step % n_jit == 0 and n_iters - step >= n_jit) else 1
       batches = [first if i == 0 and first is not None else next(train_iter) for i in range(n)]
       first = None
-      state, metrics = _apply(p_step, p_multi, state, batches, ctx.mesh)
+      state, metrics = _apply(p_step, p_multi, state, batches, ctx.mesh, batch_keys)
       logger.add(step + 1, metrics, n)
       step += n
       if on_step is not None:
@@ -418,25 +420,31 @@ def _loop(ctx, state, first, steps, checkpointer, train_iter, *, data_shape, wor
                      history=logger.history, last_samples=samples)
 
 
-def _apply(p_step, p_multi, state, batches, mesh):
-  """One compiled step on one batch, or `p_multi` on the stacked batches of n_jitted_steps."""
+def _apply(p_step, p_multi, state, batches, mesh, keys=("image",)):
+  """One compiled step on one batch, or `p_multi` on the stacked batches of n_jitted_steps; `keys`: the
+  batch entries the step reads ('label' too for classifiers and class-conditional models)."""
+  dtypes = {"image": np.float32, "label": np.int32}
   if len(batches) == 1:
-    gb = parallel.host_to_global(np.asarray(batches[0]["image"], np.float32), parallel.batch_sharding(mesh))
-    return p_step(state, {"image": gb})
-  gb = parallel.host_to_global(_stack_batches([{"image": np.asarray(b["image"], np.float32)} for b in batches])
-                               ["image"], parallel.batch_sharding(mesh, leading_axes=1))
-  return p_multi(state, {"image": gb})
+    sh = parallel.batch_sharding(mesh)
+    return p_step(state, {k: parallel.host_to_global(np.asarray(batches[0][k], dtypes[k]), sh) for k in keys})
+  stacked = _stack_batches([{k: np.asarray(b[k], dtypes[k]) for k in keys} for b in batches])
+  sh = parallel.batch_sharding(mesh, leading_axes=1)
+  return p_multi(state, {k: parallel.host_to_global(v, sh) for k, v in stacked.items()})
 
 
 def _snapshot(ctx, state, step, evaluator, sampler, writer, samples):
   """At a snapshot: the EMA weights' test-split loss (eval.enable_loss) and samples
-  (training.snapshot_sampling); returns the samples (the previous ones when none are drawn)."""
+  (training.snapshot_sampling), or a classifier's test accuracy (`sampler` is then an
+  `actions.AccuracyEvaluator`); returns the samples (the previous ones when none are drawn)."""
   if bool(ctx.config.eval.enable_loss):
     loss = evaluator.run(state.ema_params, step)
     if loss is not None:
       writer.write_scalars(step, {"eval/loss": loss})
       writer.flush()
       ctx.say(f"step {step}: eval loss (EMA params, test split) = {loss:.5g}")
-  if bool(ctx.config.training.snapshot_sampling):
+  if isinstance(sampler, actions.AccuracyEvaluator):
+    if bool(ctx.config.eval.enable_loss):
+      sampler.run(state.ema_params, step, evaluator)
+  elif bool(ctx.config.training.snapshot_sampling):
     return sampler.run(state, step, evaluator.eval_data)
   return samples

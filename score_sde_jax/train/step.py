@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from score_sde_jax import classifier as classifier_lib
 from score_sde_jax import losses as losses_lib
 from score_sde_jax.run import state as state_lib
 
@@ -24,7 +25,19 @@ def _scale_batch(batch, scaler):
   image = jnp.asarray(batch["image"], jnp.float32)
   if scaler is not None:
     image = scaler(image)
-  return {"image": image}
+  out = {"image": image}
+  if "label" in batch:
+    out["label"] = jnp.asarray(batch["label"], jnp.int32)
+  return out
+
+
+def per_example_losses_fn(config, sde, model, train: bool) -> Callable:
+  """`losses_fn(key, params, batch) -> [B]` of `training.task`: the score objective of `losses.py`, or a
+  classifier's cross-entropy (`classifier.py`)."""
+  apply_fn = fp32_apply(model.apply)
+  if str(config.training.task) == "score":
+    return losses_lib.get_per_example_loss_fn(sde, apply_fn, config, train=train)
+  return classifier_lib.get_losses_fn(sde, apply_fn, config, train=train)
 
 
 def fp32_apply(apply_fn: Callable) -> Callable:
@@ -50,7 +63,7 @@ def make_train_step(config, sde, model, tx=None, lr_fn=None, scaler=None, loss_f
   if tx is None or lr_fn is None:
     tx, lr_fn = state_lib.get_optimizer(config)
   if loss_fn is None:
-    loss_fn = losses_lib.get_loss_fn(sde, fp32_apply(model.apply), config, train=True)
+    loss_fn = _mean_loss(per_example_losses_fn(config, sde, model, train=True))
   ema_rate = float(config.model.ema_rate)
 
   def train_step(state: state_lib.TrainState, batch, key=None) -> Tuple[state_lib.TrainState, Metrics]:
@@ -87,11 +100,22 @@ def make_multi_step(train_step: Callable, n_steps: int) -> Callable:
   return multi_step
 
 
+def _mean_loss(losses_fn: Callable) -> Callable:
+  """(key, params, batch) -> (mean loss, {'loss', 'loss_std'}), as `losses.get_loss_fn`."""
+
+  def loss_fn(key, params, batch):
+    losses = losses_fn(key, params, batch)
+    loss = jnp.mean(losses)
+    return loss, {"loss": loss, "loss_std": jnp.std(losses)}
+
+  return loss_fn
+
+
 def make_eval_step(config, sde, model, scaler=None) -> Callable:
   """`eval_step(params, batch, key) -> (sum of per-example losses over valid rows, number of valid
   rows)`, with the training objective in evaluation mode (no dropout); `batch['mask']` marks the
   valid (non-padding) rows."""
-  losses_fn = losses_lib.get_per_example_loss_fn(sde, fp32_apply(model.apply), config, train=False)
+  losses_fn = per_example_losses_fn(config, sde, model, train=False)
 
   def eval_step(params, batch, key):
     scaled = _scale_batch(batch, scaler)
