@@ -1,9 +1,11 @@
 #!/usr/bin/env python
-"""Bits/dim of a trained workdir, or of any checkpoint, over a whole split:
+"""Bits/dim over a whole split and/or FID/KID/IS of samples, of a trained workdir or of any checkpoint:
 
   python scripts/evaluate.py --config configs/mnist/vp.py --workdir runs/mnist_vp --config.eval.enable_bpd=True
   python scripts/evaluate.py --config configs/subvp/cifar10_ddpmpp_deep_continuous.py \
       --checkpoint checkpoint_26.pth --config.eval.enable_bpd=True
+  python scripts/evaluate.py --config configs/mnist/vp.py --workdir runs/mnist_vp \
+      --config.eval.enable_sampling=True --config.eval.feature_net=mnist --config.eval.feature_net_path=runs/fnet
 
 `--checkpoint`: an official JAX checkpoint (`checkpoint_<k>` or a directory of them), an official PyTorch
 `.pth` or a workdir (`score_sde_jax.checkpoints`), its EMA weights (`--weights raw` for the training ones);
@@ -26,7 +28,16 @@ batch, the per-example results are gathered and process 0 alone writes the resul
 example counted once.  Per-batch results go to
 `<workdir>/eval/*.jsonl` as they finish; rerunning the same command continues where it stopped; the
 summary is written beside it as `.summary.json`.  The file is keyed by the weights' fingerprint, the model,
-SDE and data config and the settings: anything else is computed afresh, saying which earlier file differs.  Without --config the workdir's saved config is used.
+SDE and data config and the settings: anything else is computed afresh, saying which earlier file
+differs.  Without --config the workdir's saved config is used.
+
+FID/KID/IS (`eval.enable_sampling`; `score_sde_jax/sample_quality.py`): `eval.num_samples` samples of
+`config.sampling` (any method) in batches of `eval.batch_size`, written per host in resumable chunks to
+`<workdir>/eval/samples_<hash>/ckpt_<step>/` (a rerun reuses them), against the reference statistics of
+`eval.ref_split` (computed once, cached in `eval.stats_dir`) or `eval.ref_stats`, with the features of
+`eval.feature_net` ('inception': pytorch-fid's weights file; 'mnist': a trained classifier,
+`eval.feature_net_path`).  One line per checkpoint; results appended to `<workdir>/eval/fid_*.jsonl`
+(keyed by weights, sampler, feature net, reference), eval/fid, eval/kid, eval/is to `<workdir>/eval/logs`.
 
 `--set a.b=value` overrides a field of the config (strict, as in sample.py: an unknown key is an error
 naming the closest one).  When the EMA weights evaluated are still mostly the initialisation (step <
@@ -83,9 +94,8 @@ def run(argv=None) -> int:
 
 def _main():
   import jax
-  from score_sde_jax import checkpoints, evaluation
+  from score_sde_jax import eval_jobs, evaluation
   from score_sde_jax.run import config_utils, restore
-  from score_sde_jax.run import state as state_lib
 
   # Bad input raises: the guard of main() prints it as one ERROR line (exit 2).
   if FLAGS.workdir is None and FLAGS.checkpoint is None:
@@ -104,45 +114,9 @@ def _main():
                                  f"--config <config.py> --workdir {FLAGS.workdir}") from e
   config_utils.complete_config(config, print if jax.process_index() == 0 else (lambda *_: None))
   config_utils.apply_overrides(config, FLAGS.set)
-  if not bool(config.eval.enable_bpd):
-    print("eval.enable_bpd is False: nothing to do (pass --config.eval.enable_bpd=True).",
-          file=sys.stderr)
-    return
-  which = FLAGS.checkpoints
-  if which not in ("latest", "range"):
-    try:
-      which = [int(s) for s in which.split(",") if s.strip()]
-    except ValueError:
-      raise evaluation.EvalError(f"--checkpoints must be 'latest', 'range' or comma-separated steps; "
-                                 f"got {FLAGS.checkpoints!r}") from None
-  pretrained, workdir = None, FLAGS.workdir
-  if FLAGS.checkpoint is not None:
-    pretrained = checkpoints.read_pretrained(FLAGS.checkpoint, config, weights=FLAGS.weights)
-    workdir = workdir or checkpoints.default_output_dir(pretrained)
-  elif which == "latest" and _has_checkpoints(workdir):
-    # The newest checkpoint that restores with finite weights (one line for each one skipped, left in place).
-    pretrained = checkpoints.read_pretrained(workdir, config, weights=FLAGS.weights)
-  if pretrained is not None and jax.process_index() == 0:
-    print(f"{pretrained.weights} weights of step {pretrained.step} from {pretrained.path} "
-          f"({pretrained.format}, fingerprint {pretrained.fingerprint})")
-  steps = ([pretrained.step] if pretrained is not None else which if isinstance(which, list) else [])
-  steps = [s for s in steps if s is not None]
-  if FLAGS.weights == "ema" and steps and jax.process_index() == 0:
-    note = state_lib.young_ema_note(min(steps), float(config.model.ema_rate),
-                                    raw_hint="--weights raw")
-    if note:
-      print(note)
-  evaluation.evaluate_likelihood(config, workdir, checkpoints=which, batch_size=FLAGS.batch_size,
-                                 max_examples=FLAGS.max_examples, seed=FLAGS.seed, bound=FLAGS.bound,
-                                 bound_num_t=FLAGS.bound_num_t, progress=FLAGS.progress,
-                                 pretrained=pretrained, weights=FLAGS.weights)
-
-
-def _has_checkpoints(workdir) -> bool:
-  import os
-  from score_sde_jax.run import checkpoint as ckpt_lib
-  cdir = ckpt_lib.checkpoint_dir(workdir)
-  return os.path.isdir(cdir) and any(n.isdigit() for n in os.listdir(cdir))
+  eval_jobs.run(config, workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint, weights=FLAGS.weights,
+                checkpoints=FLAGS.checkpoints, batch_size=FLAGS.batch_size, max_examples=FLAGS.max_examples,
+                seed=FLAGS.seed, bound=FLAGS.bound, bound_num_t=FLAGS.bound_num_t, progress=FLAGS.progress)
 
 
 if __name__ == "__main__":
