@@ -59,10 +59,14 @@ def snapshot_key(seed: int, step: int) -> Array:
 
 
 def draw_batches(draw, params, *, seed: int, total: int, batch_size: int, replicated, progress: bool = False,
-                 desc: str = "sampling"):
+                 desc: str = "sampling", inputs=(), input_sharding=None):
   """`total` samples from `draw` (a `draw_program`) in batches of `batch_size`, batch i drawn with
   `batch_key(seed, i)`; every host gets all of them (gathered).  Returns (samples [total, *D] numpy,
-  the NFE of each batch, seconds).  A tqdm bar with the NFE when `progress`."""
+  the NFE of each batch, seconds).  A tqdm bar with the NFE when `progress`.
+
+  `inputs`: per-sample arrays [total, ...] (class labels, images, masks) passed to `draw` after the key,
+  cut into the same batches (the last one padded by repeating its last row), placed with
+  `input_sharding` (e.g. `conditional_draw`'s programs)."""
   import time
 
   import numpy as np
@@ -73,13 +77,22 @@ def draw_batches(draw, params, *, seed: int, total: int, batch_size: int, replic
   t0 = time.time()
   with tqdm(total=total, unit="sample", desc=desc, disable=not progress) as bar:
     for i in range(-(-total // batch_size)):
-      x, nfe = draw(params, jax.device_put(batch_key(seed, i), replicated))
+      args = [jax.device_put(_rows(a, i * batch_size, batch_size), input_sharding) for a in inputs]
+      x, nfe = draw(params, jax.device_put(batch_key(seed, i), replicated), *args)
       x = parallel.to_host(x)      # gathered from every host
       out.append(x)
       nfes.append(int(parallel.to_host(nfe)))
       bar.update(min(len(x), total - bar.n))
       bar.set_postfix(nfe=nfes[-1])
   return np.concatenate(out)[:total], nfes, time.time() - t0
+
+
+def _rows(a, start: int, n: int):
+  """Rows [start, start + n) of `a`, padded to n rows by repeating the last one."""
+  import numpy as np
+  a = np.asarray(a)
+  idx = np.minimum(np.arange(start, start + n), len(a) - 1)
+  return a[idx]
 
 
 def save_samples(config, samples, path: str, *, nfes, step: int, **provenance) -> str:

@@ -16,6 +16,11 @@ or a scatter beside test data for toy data).  The output directory is `--workdir
 `<checkpoint>_outputs/` beside the checkpoint.  Nothing is written next to the checkpoints themselves,
 and nothing in the workdir is moved or renamed: a checkpoint that cannot be read is skipped with one line.
 
+Controllable generation (README "Controllable generation"): `--class_label K|all` with `--classifier
+<noise-classifier workdir> --guidance_scale S` or `--cfg_weight W` (class-conditional models); `--inpaint
+FILE --mask half|center|left|random|FILE`; `--colorize FILE`.  They also write `<out>_grid.png` with the
+input, mask and result side by side (one row per class for --class_label all).
+
 Any topology, many hosts (`--multihost`): README "Sampling and evaluating on a pod".  Batch i draws its
 noise from fold_in(PRNGKey(--seed), i) whatever the sharding; a `--batch_size` that does not divide by
 the device count is rounded down to a multiple of it (with a note).
@@ -55,6 +60,19 @@ def define_flags(fv):
   flags.DEFINE_integer("seed", 0, "Sampling seed.", flag_values=fv)
   flags.DEFINE_string("out", None, "Output .npz path (default: <workdir>/samples/sample_<step>.npz).",
                       flag_values=fv)
+  flags.DEFINE_string("class_label", None, "Class-conditional sampling: a class index, or 'all' (one row "
+                      "per class); with --classifier or --cfg_weight.", flag_values=fv)
+  flags.DEFINE_string("classifier", None, "Workdir of a noise-conditional classifier (classifier guidance).",
+                      flag_values=fv)
+  flags.DEFINE_float("guidance_scale", 1.0, "Classifier-guidance scale (1: the exact conditional).",
+                     flag_values=fv)
+  flags.DEFINE_float("cfg_weight", None, "Classifier-free guidance weight w of a class-conditional model "
+                     "(0: the plain conditional).", flag_values=fv)
+  flags.DEFINE_string("inpaint", None, "Images (.npz/.png, values in [0, 1]) to inpaint.", flag_values=fv)
+  flags.DEFINE_string("mask", None, "Inpainting mask: 'half' (default: the lower half is filled in), "
+                      "'center', 'left', 'random', or a .npz/.png of 0/1 (1 = known).", flag_values=fv)
+  flags.DEFINE_string("colorize", None, "Images (.npz/.png) to colourise (their grey is kept).",
+                      flag_values=fv)
   from score_sde_jax.train import cli
   cli.define_run_flags(fv)
 
@@ -74,76 +92,10 @@ def run(argv=None) -> int:
 
 def _main():
   import jax
-  import numpy as np
 
-  from score_sde_jax import checkpoints, datasets, models, sde as sde_lib
-  from score_sde_jax import draw as draw_lib
-  from score_sde_jax.run import config_utils, parallel, restore
-  from score_sde_jax.run import state as state_lib
-
-  process0 = jax.process_index() == 0
-  say = print if process0 else (lambda *_: None)
-  if FLAGS.workdir is None and FLAGS.checkpoint is None:
-    raise ValueError("pass --workdir (a training workdir) or --checkpoint (any checkpoint, with --config).")
-  source = FLAGS.checkpoint or FLAGS.workdir
-  if FLAGS.config is not None:
-    config = FLAGS.config
-  elif checkpoints.locate(source)[0] == "workdir":
-    config = restore.load_workdir_config(checkpoints.locate(source)[1])
-  else:
-    raise ValueError(f"{source} is not a training workdir: pass --config <the config the checkpoint was "
-                     f"trained with>, e.g. configs/vp/cifar10_ddpmpp_continuous.py.")
-  config_utils.complete_config(config, say)
-  config_utils.apply_overrides(config, FLAGS.set)
-  for name in ("num_samples", "batch_size"):
-    if getattr(FLAGS, name) is not None and getattr(FLAGS, name) < 1:
-      raise ValueError(f"--{name} must be positive; got {getattr(FLAGS, name)}.")
-  if FLAGS.step is not None and FLAGS.step < 0:
-    raise ValueError(f"--step must be a checkpoint's step (>= 0); got {FLAGS.step}.")
-  mesh = parallel.make_mesh()
-  n_dev = mesh.devices.size
-  total = FLAGS.num_samples or int(config.sampling.num_samples)
-  bs = FLAGS.batch_size or min(total, int(config.eval.batch_size))
-  if total < 1 or bs < 1:
-    raise ValueError(f"sampling.num_samples ({total}) and eval.batch_size ({bs}) must be positive.")
-  if bs % n_dev:
-    # Padding would change the samples of batch-coupled samplers (the Langevin corrector's step size is a
-    # batch mean), so the batch is rounded instead.
-    rounded = max(n_dev, bs // n_dev * n_dev)
-    say(f"--batch_size {bs} is not a multiple of the {n_dev} devices: using {rounded}.")
-    bs = rounded
-  # The config is checked (and the sampler built) before the checkpoint is read: a bad value fails fast.
-  try:
-    config_utils.validate_config(config, 1)
-  except config_utils.ConfigError as e:
-    raise config_utils.ConfigError(f"{e} (fix it with --set section.field=value or "
-                                   f"--config.section.field=value)") from None
-  sde = sde_lib.sde_from_config(config)
-  model = models.get_model(config)
-  shape = (bs,) + datasets.data_shape(config)
-  rep, bsh = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-  # Every process reads (a workdir checkpoint is restored onto this run's mesh, whatever wrote it).
-  pre = checkpoints.read_pretrained(source, config, weights=FLAGS.weights, step=FLAGS.step)
-  step = pre.step if pre.step is not None else 0
-  out_dir = FLAGS.workdir or checkpoints.default_output_dir(pre)
-  say(f"{pre.weights} weights of step {pre.step} from {pre.path} ({pre.format}, "
-      f"fingerprint {pre.fingerprint})")
-  if pre.weights == "ema" and pre.step is not None:
-    note = state_lib.young_ema_note(pre.step, float(config.model.ema_rate))
-    if note:
-      say(note)
-  draw = draw_lib.draw_program(config, sde, model, shape, replicated=rep, out_sharding=bsh)
-  params = parallel.replicate(pre.variables, mesh)
-  samples, nfes, seconds = draw_lib.draw_batches(
-      draw, params, seed=FLAGS.seed, total=total, batch_size=bs, replicated=rep,
-      progress=FLAGS.progress and process0, desc=f"sampling ({config.sampling.method})")
-  if not process0:      # process 0 alone writes
-    return
-  path = FLAGS.out or os.path.join(out_dir, "samples", f"sample_{step:08d}.npz")
-  png = draw_lib.save_samples(config, samples, path, nfes=nfes, step=step, checkpoint=pre.path,
-                              fingerprint=pre.fingerprint, seed=FLAGS.seed, batch_size=bs)
-  print(f"{total} samples from step {step} in {seconds:.1f}s on {n_dev} device(s), "
-        f"{jax.process_count()} process(es) (mean NFE {np.mean(nfes):.0f}) -> {path} and {png}")
+  from score_sde_jax import sample_jobs
+  say = print if jax.process_index() == 0 else (lambda *_: None)
+  sample_jobs.run(FLAGS, say)
 
 
 if __name__ == "__main__":
