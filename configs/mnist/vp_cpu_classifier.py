@@ -19,7 +19,7 @@ def get_config():
   t.likelihood_weighting = False
   t.importance_sampling = False
   t.batch_size = 128
-  t.n_iters = 2001
+  t.n_iters = 6001
   t.snapshot_freq = 500
   t.snapshot_freq_for_preemption = 250
   t.snapshot_sampling = False
