@@ -30,7 +30,7 @@ import json
 import math
 import os
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +41,8 @@ from score_sde_jax import config_defaults
 from score_sde_jax.eval_settings import EvalError, EvalSettings, settings_from_config  # noqa: F401
 from score_sde_jax import likelihood
 from score_sde_jax import sde as sde_lib
+from score_sde_jax.eval_results import ResultsFile, format_summary, summarize  # noqa: F401  (re-exported)
+from score_sde_jax.eval_results import likelihood_summary, other_results
 
 Array = jax.Array
 
@@ -118,88 +120,6 @@ def results_identity(config, settings: "EvalSettings", fingerprint: str, weights
 
 def identity_hash(identity: dict) -> str:
   return hashlib.sha1(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def _other_results(out_dir: str, prefix: str, mine: str, identity: dict) -> List[Tuple[str, List[str]]]:
-  """Earlier results files of the same step and split (`prefix*`) with another identity, each with the
-  parts of the identity that differ ('weights', 'model', 'sde', 'data', 'settings')."""
-  found = []
-  if not os.path.isdir(out_dir):
-    return found
-  for name in sorted(os.listdir(out_dir)):
-    if not (name.startswith(prefix) and name.endswith(".jsonl")) or name == mine:
-      continue
-    try:
-      with open(os.path.join(out_dir, name)) as f:
-        header = json.loads(f.readline())
-    except (OSError, ValueError):
-      continue
-    old = header.get("identity")
-    parts = [k for k in identity if not isinstance(old, dict) or old.get(k) != identity[k]]
-    if parts:
-      found.append((os.path.join(out_dir, name), parts))
-  return found
-
-
-class ResultsFile:
-  """Append-only JSONL of finished (repeat, batch) entries, tolerant of a torn last line."""
-
-  def __init__(self, path: str, header: dict):
-    self.path = path
-    self.entries: Dict[tuple, dict] = {}
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    if os.path.exists(path):
-      with open(path, "rb") as f:
-        data = f.read()
-      cut = data.rfind(b"\n") + 1
-      if cut < len(data):        # a line cut short by a kill: drop it
-        with open(path, "r+b") as f:
-          f.truncate(cut)
-        data = data[:cut]
-      for line in data.decode().splitlines():
-        rec = json.loads(line)
-        if rec.get("kind") == "entry":
-          self.entries.setdefault((rec["repeat"], rec["batch"]), rec)
-    else:
-      self._append(dict(header, kind="header"))
-
-  def _append(self, rec: dict) -> None:
-    with open(self.path, "a") as f:
-      f.write(json.dumps(rec) + "\n")
-      f.flush()
-      os.fsync(f.fileno())
-
-  def add(self, rec: dict) -> None:
-    key = (rec["repeat"], rec["batch"])
-    if key in self.entries:
-      return
-    rec = dict(rec, kind="entry")
-    self._append(rec)
-    self.entries[key] = rec
-
-
-def summarize(entries: Dict[tuple, dict], num_repeats: int, num_examples: int, key: str = "value") -> dict:
-  """Mean over (repeat, example), its standard error (over examples of the per-example mean across
-  repeats), per-repeat means and the mean NFE.  Checks every example is counted exactly once per repeat.
-  Entries of repeats ≥ num_repeats (left by an earlier run with more repeats) are not counted."""
-  per_ex = np.full((num_repeats, num_examples), np.nan)
-  nfe = []
-  for (r, _), rec in sorted(entries.items()):
-    if r >= num_repeats:
-      continue
-    ids = np.asarray(rec["ids"], np.int64)
-    vals = np.asarray(rec[key], np.float64)
-    if np.any(~np.isnan(per_ex[r, ids])):
-      raise RuntimeError(f"example(s) {ids[~np.isnan(per_ex[r, ids])][:5]} counted twice in repeat {r}")
-    per_ex[r, ids] = vals
-    nfe.append(rec["nfe"])
-  if np.isnan(per_ex).any():
-    raise RuntimeError(f"{int(np.isnan(per_ex).sum())} (repeat, example) values are missing")
-  ex_mean = per_ex.mean(axis=0)
-  return {"mean": float(per_ex.mean()),
-          "stderr": float(ex_mean.std(ddof=1) / math.sqrt(num_examples)) if num_examples > 1 else 0.0,
-          "repeat_means": [float(v) for v in per_ex.mean(axis=1)],
-          "mean_nfe": float(np.mean(nfe)) if nfe else 0.0}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -292,7 +212,6 @@ def evaluate_likelihood(config, workdir: str, *, checkpoints="latest", devices: 
     raise EvalError(str(e)) from e
   s = settings_from_config(config, batch_size=batch_size, max_examples=max_examples, seed=seed,
                            num_devices=n_dev, bound=bound, bound_num_t=bound_num_t)
-  toy = config_defaults.is_toy(config)
   if pretrained is not None:
     params = pretrained.variables
     steps = [pretrained.step if pretrained.step is not None else -1]
@@ -302,19 +221,8 @@ def evaluate_likelihood(config, workdir: str, *, checkpoints="latest", devices: 
     steps = [-1]
   sde = sde_lib.sde_from_config(config)
   model = models.get_model(config)
-  try:
-    from score_sde_jax import datasets
-    it = datasets.get_eval_iterator(config, s.split, batch_size=s.batch_size,
-                                    process_index=jax.process_index(), process_count=jax.process_count())
-  except Exception as e:  # noqa: BLE001
-    raise EvalError(f"cannot open split {s.split!r} of data.dataset={config.data.dataset!r} "
-                    f"(eval.bpd_dataset): {type(e).__name__}: {e}") from e
-  num_examples = it.num_examples if s.max_examples is None else min(it.num_examples, s.max_examples)
-  num_batches = math.ceil(num_examples / s.batch_size)
-  host_batch = it.batch_size
-  batch_fn = make_batch_fn(config, sde, model, s, mesh, toy)
-  rep, bsh = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-  unit = "nats/dim" if toy else "bits/dim"
+  evaluator = LikelihoodEvaluator(config, sde, model, mesh, s, workdir, report=report, progress=progress,
+                                  stop_after=stop_after)
   results = []
   for step in steps:
     pre = pretrained
@@ -324,19 +232,55 @@ def evaluate_likelihood(config, workdir: str, *, checkpoints="latest", devices: 
     else:
       from score_sde_jax import checkpoints as ckpts
       p, fingerprint, which_weights = params, ckpts.fingerprint(params), "given"
-    p = parallel.replicate(p, mesh)
-    identity = results_identity(config, s, fingerprint, which_weights)
+    results.append(evaluator.run(p, step, fingerprint=fingerprint, weights=which_weights, pretrained=pre))
+  return results
+
+
+class LikelihoodEvaluator:
+  """Bits/dim (images) or NLL (toy) with ScoreFlow's bound over a split (see the module docstring), for
+  any weights: one `run(params, step, ...)` per checkpoint; the data iterator and the compiled batch
+  program are built once."""
+
+  def __init__(self, config, sde, model, mesh, settings: EvalSettings, workdir: str, *,
+               report: Callable[[str], None], progress: bool = False, stop_after: Optional[int] = None):
+    from score_sde_jax import datasets
+    self.config, self.mesh, self.s, self.workdir = config, mesh, settings, workdir
+    self.report, self.progress, self.stop_after = report, progress, stop_after
+    self.toy = config_defaults.is_toy(config)
+    s = settings
+    try:
+      self.it = datasets.get_eval_iterator(config, s.split, batch_size=s.batch_size,
+                                           process_index=jax.process_index(), process_count=jax.process_count())
+    except Exception as e:  # noqa: BLE001
+      raise EvalError(f"cannot open split {s.split!r} of data.dataset={config.data.dataset!r} "
+                      f"(eval.bpd_dataset): {type(e).__name__}: {e}") from e
+    n = self.it.num_examples
+    self.num_examples = n if s.max_examples is None else min(n, s.max_examples)
+    self.num_batches = math.ceil(self.num_examples / s.batch_size)
+    self.batch_fn = make_batch_fn(config, sde, model, s, mesh, self.toy)
+
+  def run(self, params, step: int, *, fingerprint: str, weights: str, pretrained=None) -> Optional[dict]:
+    """The summary of `params` (host or replicated), appended to / resumed from its results file (named
+    by `results_identity`); None when stopped early (`stop_after`) or on processes other than 0."""
+    from score_sde_jax.run import parallel
+    s, it, toy, report, pre = self.s, self.it, self.toy, self.report, pretrained
+    process0 = jax.process_index() == 0
+    num_examples, num_batches, host_batch = self.num_examples, self.num_batches, it.batch_size
+    rep, bsh = parallel.replicated(self.mesh), parallel.batch_sharding(self.mesh)
+    unit = "nats/dim" if toy else "bits/dim"
+    p = parallel.replicate(params, self.mesh)
+    identity = results_identity(self.config, s, fingerprint, weights)
     kind = "nll" if toy else "bpd"
     label = f"step{step}" if pre is None or pre.format == "workdir" else f"{pre.format}_step{step}"
     prefix = f"{kind}_{label}_{s.split}_"
     name = prefix + identity_hash(identity)
-    out_dir = os.path.join(os.path.abspath(workdir), "eval")
+    out_dir = os.path.join(os.path.abspath(self.workdir), "eval")
     header = {"step": step, "identity": identity, "settings": dataclasses.asdict(s),
-              "dataset": str(config.data.dataset), "num_examples": num_examples, "unit": unit}
+              "dataset": str(self.config.data.dataset), "num_examples": num_examples, "unit": unit}
     if pre is not None:
       header.update(checkpoint=pre.path, format=pre.format, weights=pre.weights, fingerprint=fingerprint)
     if process0:
-      for path, parts in _other_results(out_dir, prefix, name + ".jsonl", identity):
+      for path, parts in other_results(out_dir, prefix, name + ".jsonl", identity):
         report(f"step {step}: the results in {path} were computed with other {', '.join(parts)} "
                f"(their file records what); computing these afresh")
     rf = ResultsFile(os.path.join(out_dir, name + ".jsonl"), header) if process0 else None
@@ -353,14 +297,14 @@ def evaluate_likelihood(config, workdir: str, *, checkpoints="latest", devices: 
       report(f"step {step}: resuming, {len(done)} of {s.num_repeats * num_batches} (repeat, batch) "
              f"entries already in {os.path.join(out_dir, name + '.jsonl')}")
     bar = None
-    if progress and process0 and todo:
+    if self.progress and process0 and todo:
       from tqdm.auto import tqdm
       bar = tqdm(total=len(todo), unit="batch", desc=f"{unit} step {step}")
     t0 = time.time()
     new = 0
     interrupted = False
     for r, i in todo:
-      if stop_after is not None and new >= stop_after:
+      if self.stop_after is not None and new >= self.stop_after:
         interrupted = True
         break
       b = it.batch_at(i)
@@ -368,7 +312,7 @@ def evaluate_likelihood(config, workdir: str, *, checkpoints="latest", devices: 
       mask = np.asarray(b["mask"], bool) & (pos < num_examples)
       x = np.asarray(b["image"] if toy else b["image_int"])
       tb = time.time()
-      value, bnd, nfe = batch_fn(p, parallel.host_to_global(x, bsh),
+      value, bnd, nfe = self.batch_fn(p, parallel.host_to_global(x, bsh),
                                  jax.device_put(batch_key(s.seed, r, i), rep))
       value, bnd = parallel.to_host(value), parallel.to_host(bnd)
       nfe = int(parallel.to_host(nfe))
@@ -387,56 +331,12 @@ def evaluate_likelihood(config, workdir: str, *, checkpoints="latest", devices: 
     if bar is not None:
       bar.close()
     if interrupted or not process0:
-      results.append(None)
-      continue
-    summary = _summary(rf, s, num_examples, toy, step, time.time() - t0, workdir)
+      return None
+    summary = likelihood_summary(rf, s, num_examples, toy, step, time.time() - t0, self.workdir)
     with open(os.path.join(out_dir, name + ".summary.json"), "w") as f:
       json.dump(summary, f, indent=2)
     summary["summary_path"] = os.path.join(out_dir, name + ".summary.json")
     report(format_summary(summary))
-    results.append(summary)
-  return results
+    return summary
 
 
-def _summary(rf: ResultsFile, s: EvalSettings, num_examples: int, toy: bool, step: int, seconds: float,
-             workdir: str) -> dict:
-  main = summarize(rf.entries, s.num_repeats, num_examples, "value")
-  out = {"step": step, "split": s.split, "num_examples": num_examples, "num_repeats": s.num_repeats,
-         "settings": dataclasses.asdict(s), "mean_nfe": main["mean_nfe"],
-         "wall_seconds_this_run": seconds,
-         "wall_seconds_total": float(sum(e["seconds"] for e in rf.entries.values())),
-         "results_file": rf.path}
-  if toy:
-    out.update(nll_nats_per_dim=main["mean"], nll_nats_per_dim_stderr=main["stderr"],
-               bits_per_dim=main["mean"] / math.log(2.0), bits_per_dim_stderr=main["stderr"] / math.log(2.0),
-               repeat_means_nats_per_dim=main["repeat_means"],
-               convention="NLL of the continuous points (no dequantization), in nats/dim and nats/dim / ln 2")
-  else:
-    out.update(bits_per_dim=main["mean"], bits_per_dim_stderr=main["stderr"],
-               repeat_means_bits_per_dim=main["repeat_means"], convention=likelihood.BPD_CONVENTION)
-  if s.bound:
-    bd = summarize(rf.entries, s.num_repeats, num_examples, "bound")
-    key = "bound_nats_per_dim" if toy else "bound_bits_per_dim"
-    out[key], out[key + "_stderr"] = bd["mean"], bd["stderr"]
-  return out
-
-
-def format_summary(s: dict) -> str:
-  toy = "nll_nats_per_dim" in s
-  lines = [f"step {s['step']}, split {s['split']!r}: {s['num_examples']} examples × {s['num_repeats']} "
-           f"repeat(s), mean NFE {s['mean_nfe']:.1f}, wall time {s['wall_seconds_total']:.1f}s "
-           f"(this run {s['wall_seconds_this_run']:.1f}s)"]
-  if toy:
-    lines.append(f"  NLL {s['nll_nats_per_dim']:.4f} ± {s['nll_nats_per_dim_stderr']:.4f} nats/dim = "
-                 f"{s['bits_per_dim']:.4f} ± {s['bits_per_dim_stderr']:.4f} bits/dim")
-    if "bound_nats_per_dim" in s:
-      lines.append(f"  ScoreFlow bound (likelihood-weighted DSM): {s['bound_nats_per_dim']:.4f} ± "
-                   f"{s['bound_nats_per_dim_stderr']:.4f} nats/dim")
-  else:
-    lines.append(f"  bits/dim {s['bits_per_dim']:.4f} ± {s['bits_per_dim_stderr']:.4f} (standard error)")
-    if "bound_bits_per_dim" in s:
-      lines.append(f"  ScoreFlow bound (likelihood-weighted DSM): {s['bound_bits_per_dim']:.4f} ± "
-                   f"{s['bound_bits_per_dim_stderr']:.4f} bits/dim")
-  lines.append(f"  convention: {s['convention']}")
-  lines.append(f"  results: {s['results_file']}")
-  return "\n".join(lines)
