@@ -32,13 +32,15 @@ sys.path.insert(0, REPO)
 SAMPLERS = [
     ("PC (Euler-Maruyama, N=1000)", {"sampling.method": "pc"}),
     ("ODE (RK45, rtol=atol=1e-5)", {"sampling.method": "ode"}),
-    ("DDIM eta=0, 10 steps", {"sampling.method": "ddim", "sampling.num_steps": 10}),
     ("DDIM eta=0, 20 steps", {"sampling.method": "ddim", "sampling.num_steps": 20}),
-    ("DDIM eta=0, 50 steps", {"sampling.method": "ddim", "sampling.num_steps": 50}),
-    ("EDM Heun, 10 steps", {"sampling.method": "edm_heun", "sampling.num_steps": 10}),
+    ("EDM Euler, 20 steps", {"sampling.method": "edm_euler", "sampling.num_steps": 20}),
+    ("EDM Heun, 10 steps (19 NFE)", {"sampling.method": "edm_heun", "sampling.num_steps": 10}),
+    ("DPM-Solver-2, NFE 20", {"sampling.method": "dpm_solver", "sampling.num_steps": 20,
+                              "sampling.solver_order": 2}),
     ("DPM-Solver-3, NFE 20", {"sampling.method": "dpm_solver", "sampling.num_steps": 20}),
-    ("DPM-Solver++(2M), NFE 10", {"sampling.method": "dpm_solver_pp", "sampling.num_steps": 10}),
     ("DPM-Solver++(2M), NFE 20", {"sampling.method": "dpm_solver_pp", "sampling.num_steps": 20}),
+    ("DPM-Solver++(2M), NFE 10", {"sampling.method": "dpm_solver_pp", "sampling.num_steps": 10}),
+    ("DDIM eta=0, 50 steps", {"sampling.method": "ddim", "sampling.num_steps": 50}),
 ]
 
 
@@ -46,8 +48,8 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--workdir", required=True, help="the stand-in model's training workdir")
   p.add_argument("--feature_net", required=True, help="workdir (or .msgpack) of the MNIST feature net")
-  p.add_argument("--num_samples", type=int, default=500)
-  p.add_argument("--batch_size", type=int, default=250)
+  p.add_argument("--num_samples", type=int, default=256)
+  p.add_argument("--batch_size", type=int, default=128)
   p.add_argument("--rows", default="", help="comma-separated row indices of SAMPLERS (default: all)")
   p.add_argument("--no_sanity", action="store_true", help="skip the real-image sanity rows")
   args = p.parse_args(argv)
