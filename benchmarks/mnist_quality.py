@@ -57,7 +57,7 @@ def main(argv=None):
   import jax
   from score_sde_jax import datasets, eval_settings, feature_nets, sample_quality
   from score_sde_jax.metrics import fid as fid_lib
-  from score_sde_jax.run import config_utils, restore
+  from score_sde_jax.run import config_utils, parallel, restore
 
   base = restore.load_workdir_config(args.workdir)
   config_utils.complete_config(base, lambda *_: None)
@@ -69,15 +69,16 @@ def main(argv=None):
   settings = eval_settings.sample_quality_settings(base)
   ref = feature_nets.reference_stats(base, net, settings, report=print)
   if not args.no_sanity:
-    program = jax.jit(lambda v, x: net.apply(v, x))
+    program = feature_nets.features_program(net, parallel.make_mesh(jax.local_devices()[:1]))
     it = datasets.get_eval_iterator(base, "test", batch_size=1000)
-    real = np.concatenate([np.asarray(b["image"])[np.asarray(b["mask"], bool)] for b in it])
+    real = np.concatenate([np.asarray(b["image_int"])[np.asarray(b["mask"], bool)] for b in it])
     rng = np.random.default_rng(0)
-    variants = {
+    permuted = np.stack([x.reshape(-1)[rng.permutation(x.size)].reshape(x.shape) for x in real])
+    noisy = real.astype(np.float32) + 0.3 * 255.0 * rng.standard_normal(real.shape)
+    variants = {      # uint8 images, as the feature program takes them
         "real test images (10k)": real,
-        "test images, pixels permuted": np.stack([x.reshape(-1)[rng.permutation(x.size)].reshape(x.shape)
-                                                  for x in real]),
-        "test images + N(0, 0.3^2) noise": np.clip(real + 0.3 * rng.standard_normal(real.shape), 0, 1),
+        "test images, pixels permuted": permuted,
+        "test images + N(0, 0.3^2) noise": np.clip(np.rint(noisy), 0, 255).astype(np.uint8),
     }
     for label, x in variants.items():
       feats, logits = zip(*(program(net.variables, x[i:i + 1000]) for i in range(0, len(x), 1000)))

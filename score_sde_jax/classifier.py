@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from score_sde_jax import score as score_lib
 from score_sde_jax import sde as sde_lib
@@ -39,14 +40,15 @@ def logits_of(output) -> Array:
 def perturb(key: Array, sde: sde_lib.SDE, x: Array, t: Array) -> Array:
   """x(t) = m(t) x(0) + σ(t) z, z ~ N(0, I): a draw from the perturbation kernel p_0t(x(t) | x(0))."""
   mean, std = sde.marginal_prob(x, t)
-  z = jax.random.normal(key, x.shape, x.dtype)
-  return mean + std.reshape((-1,) + (1,) * (x.ndim - 1)) * z
+  return mean + sde_lib.batch_mul(std, jax.random.normal(key, x.shape, x.dtype))
 
 
-def cross_entropy(logits: Array, labels: Array) -> Array:
-  """−log softmax(logits)_y per example [B]."""
-  log_p = jax.nn.log_softmax(logits, axis=-1)
-  return -jnp.take_along_axis(log_p, labels.astype(jnp.int32)[:, None], axis=-1)[:, 0]
+def _network_inputs(task: str, sde: sde_lib.SDE, continuous: bool, key: Array, x: Array, t: Array):
+  """(input, time labels) of the classifier: x(t) drawn from the kernel with the score model's labels of
+  t ('noise_classifier'), or the clean x with unused zero labels ('classifier': t is ignored)."""
+  if task == "noise_classifier":
+    return perturb(key, sde, x, t), score_lib.time_labels(sde, t, continuous)
+  return x, jnp.zeros((x.shape[0],), jnp.float32)
 
 
 def get_losses_fn(sde: sde_lib.SDE, apply_fn: Callable, config, train: bool = True, *, eps: float = EPS):
@@ -61,13 +63,10 @@ def get_losses_fn(sde: sde_lib.SDE, apply_fn: Callable, config, train: bool = Tr
     x, y = batch["image"], batch["label"]
     k_drop, k_t, k_z = jax.random.split(key, 3)
     rngs = {"dropout": k_drop} if train else {}
-    if task == "classifier":
-      labels = jnp.zeros((x.shape[0],), jnp.float32)     # unused by a clean-data classifier
-    else:
-      t = jax.random.uniform(k_t, (x.shape[0],), minval=eps, maxval=sde.T)
-      x = perturb(k_z, sde, x, t)
-      labels = score_lib.time_labels(sde, t, continuous)
-    return cross_entropy(logits_of(apply_fn(params, x, labels, train=train, rngs=rngs)), y)
+    t = jax.random.uniform(k_t, (x.shape[0],), minval=eps, maxval=sde.T)
+    x, labels = _network_inputs(task, sde, continuous, k_z, x, t)
+    logits = logits_of(apply_fn(params, x, labels, train=train, rngs=rngs))
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y.astype(jnp.int32))
 
   return losses_fn
 
@@ -79,11 +78,7 @@ def accuracy_fn(sde: sde_lib.SDE, apply_fn: Callable, config) -> Callable:
   continuous = bool(config.training.continuous)
 
   def correct(params, key, x, y, t):
-    if task == "noise_classifier":
-      x = perturb(key, sde, x, t)
-      labels = score_lib.time_labels(sde, t, continuous)
-    else:
-      labels = jnp.zeros((x.shape[0],), jnp.float32)
+    x, labels = _network_inputs(task, sde, continuous, key, x, t)
     return jnp.argmax(logits_of(apply_fn(params, x, labels, train=False)), axis=-1) == y
 
   return correct

@@ -204,5 +204,6 @@ def side_by_side(*rows: np.ndarray) -> np.ndarray:
 
 
 def grey_of(images: np.ndarray) -> np.ndarray:
-  """The grey images the colouriser takes: the channel mean, repeated over the 3 channels."""
-  return np.repeat(np.mean(images, axis=-1, keepdims=True), images.shape[-1], axis=-1)
+  """The grey images the colouriser takes (`controllable.grey`, the channel mean), repeated over the
+  channels so that they sit beside the coloured results in a grid."""
+  return np.repeat(np.asarray(controllable.grey(jnp.asarray(images))), images.shape[-1], axis=-1)

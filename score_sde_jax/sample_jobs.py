@@ -28,10 +28,11 @@ def load_config(flags, say):
   """The config: --config, or the saved config of the workdir the weights come from; completed and with
   the --set overrides applied."""
   source = flags.checkpoint or flags.workdir
+  kind, where = (None, None) if flags.config is not None else checkpoints.locate(source)
   if flags.config is not None:
     config = flags.config
-  elif checkpoints.locate(source)[0] == "workdir":
-    config = restore.load_workdir_config(checkpoints.locate(source)[1])
+  elif kind == "workdir":
+    config = restore.load_workdir_config(where)
   else:
     raise ValueError(f"{source} is not a training workdir: pass --config <the config the checkpoint was "
                      f"trained with>, e.g. configs/vp/cifar10_ddpmpp_continuous.py.")

@@ -137,11 +137,13 @@ class LossEvaluator:
                               in_shardings=(c.rep, c.bsh, c.rep), out_shardings=(c.rep, c.rep))
     return self._program
 
-  def _open(self):
+  def open_test_split(self):
+    """A fresh iterator over this host's share of the test split (each example once, with a mask)."""
     return datasets.get_eval_iterator(self.ctx.config, "test", batch_size=int(self.ctx.config.eval.batch_size),
                                       process_index=jax.process_index(), process_count=jax.process_count())
 
-  def _on_device(self, b):
+  def on_device(self, b):
+    """A host batch of `open_test_split` as global arrays (image, mask, and label when the run uses them)."""
     bsh = self.ctx.bsh
     out = {"image": parallel.host_to_global(np.asarray(b["image"], np.float32), bsh),
            "mask": parallel.host_to_global(np.asarray(b["mask"], bool), bsh)}
@@ -155,7 +157,7 @@ class LossEvaluator:
       return None
     c = self.ctx
     try:
-      it = self._open()
+      it = self.open_test_split()
     except Exception as e:  # noqa: BLE001
       self.available = False
       c.say(f"step {step}: no evaluation data ({type(e).__name__}: {str(e).splitlines()[0][:300]}); the eval "
@@ -164,7 +166,7 @@ class LossEvaluator:
     key0 = jax.random.fold_in(jax.random.PRNGKey(int(c.config.seed) + 2), step)
     total, count, keep = 0.0, 0.0, []
     for i, b in enumerate(it):
-      s, n = self._eval_step()(params, self._on_device(b), jax.device_put(jax.random.fold_in(key0, i), c.rep))
+      s, n = self._eval_step()(params, self.on_device(b), jax.device_put(jax.random.fold_in(key0, i), c.rep))
       total += float(parallel.to_host(s))
       count += float(parallel.to_host(n))
       if config_defaults.is_toy(c.config) and sum(len(k) for k in keep) < 4096:
@@ -179,7 +181,7 @@ class LossEvaluator:
     for _ in range(2):
       if it is None:
         try:
-          it = iter(self._open())
+          it = iter(self.open_test_split())
         except Exception:  # noqa: BLE001  (no test data: the snapshot says so)
           self.available = False
           return
@@ -191,7 +193,7 @@ class LossEvaluator:
     if b is None:
       return
     key = jax.random.fold_in(jax.random.PRNGKey(int(self.ctx.config.seed) + 5), step)
-    s, n = self._eval_step()(params, self._on_device(b), jax.device_put(key, self.ctx.rep))
+    s, n = self._eval_step()(params, self.on_device(b), jax.device_put(key, self.ctx.rep))
     loss = float(parallel.to_host(s)) / max(float(parallel.to_host(n)), 1.0)
     self.writer.write_scalars(step, {"eval/batch_loss": loss})
 
@@ -271,12 +273,12 @@ class AccuracyEvaluator:
     c = self.ctx
     if not loss_evaluator.available:
       return None
-    it = loss_evaluator._open()  # pylint: disable=protected-access
+    it = loss_evaluator.open_test_split()
     hits = {t: 0.0 for t in self.times}
     n = 0.0       # global counts: the jitted sums run over the sharded global batch
     key0 = jax.random.fold_in(jax.random.PRNGKey(int(c.config.seed) + 3), step)
     for i, b in enumerate(it):
-      batch = loss_evaluator._on_device(b)  # pylint: disable=protected-access
+      batch = loss_evaluator.on_device(b)
       for j, t in enumerate(self.times):
         key = jax.device_put(jax.random.fold_in(key0, i * len(self.times) + j), c.rep)
         h, m = self._count(params, batch, key, 0.0 if t is None else float(t))
