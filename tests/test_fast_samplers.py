@@ -34,18 +34,10 @@ from score_sde_jax import dpm_solver
 from score_sde_jax import fast_sampler_config as fsc
 from score_sde_jax import fast_samplers as fs
 from score_sde_jax import sampling
-from score_sde_jax import sde as sde_lib
 from score_sde_jax.datasets import toy
 
-MIX = toy.mixture1d()
-SDES = {
-    "ve": sde_lib.VESDE(sigma_min=0.01, sigma_max=10.0, N=1000),
-    "vp": sde_lib.VPSDE(N=1000),
-    "subvp": sde_lib.SubVPSDE(N=1000),
-}
-EPS = 1e-3
+from mixture_problem import EPS, MIX, N_SAMPLES, SDES  # tests/mixture_problem.py
 SEED = int(np.random.default_rng().integers(1 << 30))   # fresh each run; printed in every failure
-N_SAMPLES = 10000
 N_TRAJ = 64
 
 

@@ -13,16 +13,8 @@ import pytest
 
 from score_sde_jax import sampling
 from score_sde_jax import sde as sde_lib
-from score_sde_jax.datasets import toy
 
-N_SAMPLES = 10000
-MIX = toy.mixture1d()
-SDES = {
-    "ve": sde_lib.VESDE(sigma_min=0.01, sigma_max=10.0, N=1000),
-    "vp": sde_lib.VPSDE(N=1000),
-    "subvp": sde_lib.SubVPSDE(N=1000),
-}
-EPS = 1e-3
+from mixture_problem import EPS, MIX, N_SAMPLES, SDES  # tests/mixture_problem.py
 
 
 def _check_mixture(x, sde, eps=EPS, label=""):
