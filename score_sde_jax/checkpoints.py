@@ -37,6 +37,8 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import jax
 import numpy as np
 
+from score_sde_jax import memo
+
 WEIGHTS = ("ema", "raw")
 FORMATS = ("official_jax", "official_torch", "workdir", "variables_msgpack")
 
@@ -276,9 +278,10 @@ def _read_workdir(path: str, config, weights: str, step: Optional[int]):
 # ---------------------------------------------------------------------------------------------------
 # Checking a tree against the model of a config
 # ---------------------------------------------------------------------------------------------------
+@memo.per_config
 def expected_shapes(config) -> Dict[str, Any]:
   """The variables tree of `get_model(config)` as training creates it, as ShapeDtypeStructs (no
-  computation)."""
+  computation; traced once per config content: `memo.per_config`)."""
   from score_sde_jax import datasets
   from score_sde_jax.models import get_model
   from score_sde_jax.run import state as state_lib

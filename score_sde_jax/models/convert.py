@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from score_sde_jax.models import layerspp
+from score_sde_jax import memo
 
 _LIST_FAMILY = ("ncsnpp", "ddpm")
 _ATTR_FAMILY = ("ncsn", "ncsnv2_64", "ncsnv2_128", "ncsnv2_256")
@@ -75,8 +76,10 @@ def _dummy_inputs(config, batch: int = 1):
   return x, labels, kwargs
 
 
+@memo.per_config
 def param_shapes_and_order(config):
-  """(params shape tree, top-level module names in call order) of `get_model(config)`, by tracing."""
+  """(params shape tree, top-level module names in call order) of `get_model(config)`, by tracing (once
+  per config content: `memo.per_config`)."""
   from score_sde_jax.models import get_model
   model = get_model(config)
   x, labels, kwargs = _dummy_inputs(config)

@@ -222,8 +222,6 @@ def _build_errors(config) -> List[str]:
   """Every section built once without computing (the SDE, the model's parameter shapes, the loss, the
   sampler, the evaluation settings), so that a bad value anywhere fails before any work starts, whether or
   not the run would reach the code that reads it (snapshot sampling, the toy report, evaluation)."""
-  import jax
-
   from score_sde_jax import losses, models, sampling
   from score_sde_jax import sde as sde_lib
   from score_sde_jax import datasets
@@ -240,10 +238,9 @@ def _build_errors(config) -> List[str]:
   sde = attempt("training.sde", lambda: sde_lib.sde_from_config(config))
   shape = attempt("data", lambda: (1,) + datasets.data_shape(config))
   model = attempt("model", lambda: models.get_model(config))
-  if model is not None and shape is not None:
-    from score_sde_jax.run import state as state_lib
-    attempt("model", lambda: jax.eval_shape(
-        lambda k: state_lib.init_variables(config, model, k, shape), jax.random.PRNGKey(0)))
+  if model is not None and shape is not None:   # the model builds: its variables tree, traced once per
+    from score_sde_jax import checkpoints         # config (the readers check checkpoints against it)
+    attempt("model", lambda: checkpoints.expected_shapes(config))
   if sde is not None and model is not None:
     if config.training.task == "score":
       attempt("training", lambda: losses.get_loss_fn(sde, model.apply, config))
