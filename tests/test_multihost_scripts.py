@@ -18,8 +18,7 @@ import time
 import numpy as np
 import pytest
 
-from test_topology import (CONFIG, OVERRIDES, REPO, ok, run_script, shared_dir, tree,
-                           use_compilation_cache)
+from test_topology import CONFIG, OVERRIDES, REPO, ok, run_script, shared_dir, tree
 
 
 def _free_port():
@@ -84,8 +83,6 @@ def ok2(results):
 @pytest.fixture(scope="module")
 def hosts(tmp_path_factory):
   """A workdir with a 1-host checkpoint (step 8) and a 2-host checkpoint (step 16)."""
-  use_compilation_cache(tmp_path_factory)
-
   def build(d):
     work = d / "work"
     train = ["scripts/train.py", f"--config={CONFIG}", f"--workdir={work}", "--noprogress", "--notoy_report"]

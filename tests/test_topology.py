@@ -42,20 +42,9 @@ def config():
   return c
 
 
-_CACHE = {}
-
-
-def use_compilation_cache(tmp_path_factory):
-  """The single-process script runs share compiled programs (JAX's persistent cache, one per worker)."""
-  _CACHE.setdefault("dir", str(tmp_path_factory.getbasetemp() / "jax_cache"))
-
-
 def run_script(args, devices, timeout=300, env=None):
   """`python scripts/<args>` on `devices` simulated CPU devices (one process)."""
-  e = dict(os.environ)
-  if "dir" in _CACHE:
-    e.update(JAX_COMPILATION_CACHE_DIR=_CACHE["dir"], JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  e = dict(os.environ)   # with the suite's shared compilation cache (tests/conftest.py)
   e["XLA_FLAGS"] = " ".join([f for f in e.get("XLA_FLAGS", "").split()
                              if not f.startswith("--xla_force_host_platform_device_count")]
                             + [f"--xla_force_host_platform_device_count={devices}"])
@@ -112,8 +101,6 @@ def tree(path):
 @pytest.fixture(scope="module")
 def mixed(tmp_path_factory):
   """A workdir trained to step 8 on 1 device, then resumed to step 16 on 8 devices."""
-  use_compilation_cache(tmp_path_factory)
-
   def build(d):
     work = d / "work"
     train = ["scripts/train.py", f"--config={CONFIG}", f"--workdir={work}", "--noprogress", "--notoy_report"]

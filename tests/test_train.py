@@ -51,9 +51,6 @@ def _params_flat(state):
   return {jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves}
 
 
-_CACHE = {}
-
-
 def _run_sub(workdir, n_iters, *, kill_at=None, term_at=None, out=None, timeout=240):
   cmd = [sys.executable, HERE, "run", str(workdir), str(n_iters)]
   if kill_at is not None:
@@ -62,11 +59,7 @@ def _run_sub(workdir, n_iters, *, kill_at=None, term_at=None, out=None, timeout=
     cmd += ["--term_at", str(term_at)]
   if out is not None:
     cmd += ["--out", str(out)]
-  env = dict(os.environ)
-  if "dir" in _CACHE:   # share compiled programs between the subprocesses (same executables)
-    env["JAX_COMPILATION_CACHE_DIR"] = _CACHE["dir"]
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+  env = dict(os.environ)   # with the suite's shared compilation cache (tests/conftest.py)
   env["PYTHONPATH"] = os.path.dirname(os.path.dirname(HERE)) + os.pathsep + env.get("PYTHONPATH", "")
   return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
@@ -75,7 +68,6 @@ def _run_sub(workdir, n_iters, *, kill_at=None, term_at=None, out=None, timeout=
 def uninterrupted(tmp_path_factory):
   """Final state of an uninterrupted 30-step run (subprocess, one device)."""
   d = tmp_path_factory.mktemp("uninterrupted")
-  _CACHE["dir"] = str(tmp_path_factory.mktemp("jax_cache"))
   out = d / "final.npz"
   r = _run_sub(d / "work", 30, out=out)
   assert r.returncode == 0, r.stderr[-3000:]
