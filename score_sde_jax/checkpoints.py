@@ -37,8 +37,6 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import jax
 import numpy as np
 
-from score_sde_jax import memo
-
 WEIGHTS = ("ema", "raw")
 FORMATS = ("official_jax", "official_torch", "workdir", "variables_msgpack")
 
@@ -278,18 +276,6 @@ def _read_workdir(path: str, config, weights: str, step: Optional[int]):
 # ---------------------------------------------------------------------------------------------------
 # Checking a tree against the model of a config
 # ---------------------------------------------------------------------------------------------------
-@memo.per_config
-def expected_shapes(config) -> Dict[str, Any]:
-  """The variables tree of `get_model(config)` as training creates it, as ShapeDtypeStructs (no
-  computation; traced once per config content: `memo.per_config`)."""
-  from score_sde_jax import datasets
-  from score_sde_jax.models import get_model
-  from score_sde_jax.run import state as state_lib
-  model = get_model(config)
-  shape = (1,) + datasets.data_shape(config)
-  return jax.eval_shape(lambda k: state_lib.init_variables(config, model, k, shape), jax.random.PRNGKey(0))
-
-
 def _flat(tree) -> Dict[str, Any]:
   return {"/".join(str(getattr(k, "key", k)) for k in p): v
           for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
@@ -311,7 +297,8 @@ def check_finite(variables, path: str, step: Optional[int] = None) -> None:
 def check_variables(variables, config, path: str) -> None:
   """Raises CheckpointError naming the first parameter whose presence or shape differs from the model
   built from `config`."""
-  want = _flat(expected_shapes(config))
+  from score_sde_jax.run import state as state_lib
+  want = _flat(state_lib.variables_shapes(config))
   have = _flat(variables)
   for name in sorted(want):
     if name not in have:

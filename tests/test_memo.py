@@ -2,7 +2,8 @@
 import ml_collections
 import numpy as np
 
-from score_sde_jax import checkpoints, config_defaults, memo
+from score_sde_jax import config_defaults, memo
+from score_sde_jax.run import state
 
 
 def test_per_config_keys_on_content_and_hands_out_copies():
@@ -26,11 +27,11 @@ def test_per_config_keys_on_content_and_hands_out_copies():
   assert shapes(c)["params"]["b"][0] == nf + 1 and calls == [nf, nf + 1]
 
 
-def test_expected_shapes_equal_a_fresh_trace():
+def test_variables_shapes_equal_a_fresh_trace():
   c = config_defaults.toy_config("vpsde", "ring8")
   c.model.nf = int(np.random.default_rng().integers(8, 64))
-  got = checkpoints.expected_shapes(c)
-  fresh = checkpoints.expected_shapes.__wrapped__(c)
+  got = state.variables_shapes(c)
+  fresh = state.variables_shapes.__wrapped__(c)
   assert got == fresh
   c.model.num_layers += 1
-  assert checkpoints.expected_shapes(c) != got
+  assert state.variables_shapes(c) != got

@@ -239,8 +239,8 @@ def _build_errors(config) -> List[str]:
   shape = attempt("data", lambda: (1,) + datasets.data_shape(config))
   model = attempt("model", lambda: models.get_model(config))
   if model is not None and shape is not None:   # the model builds: its variables tree, traced once per
-    from score_sde_jax import checkpoints         # config (the readers check checkpoints against it)
-    attempt("model", lambda: checkpoints.expected_shapes(config))
+    from score_sde_jax.run import state as state_lib   # config (the readers check checkpoints against it)
+    attempt("model", lambda: state_lib.variables_shapes(config))
   if sde is not None and model is not None:
     if config.training.task == "score":
       attempt("training", lambda: losses.get_loss_fn(sde, model.apply, config))

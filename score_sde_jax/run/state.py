@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from score_sde_jax import memo
+
 PyTree = Any
 
 
@@ -80,6 +82,18 @@ def init_variables(config, model, key, input_shape):
   variables = model.init({"params": k_params, "dropout": k_drop}, x, labels, train=False, **kwargs)
   return _to_float32(flax.core.unfreeze(variables) if isinstance(variables, flax.core.FrozenDict)
                      else variables)
+
+
+@memo.per_config
+def variables_shapes(config):
+  """The variables tree of `get_model(config)` as training creates it (`init_variables`), as
+  ShapeDtypeStructs: no computation, traced once per config content (`memo.per_config`).  Validation
+  checks that the model builds through it, and every checkpoint reader checks a tree against it."""
+  from score_sde_jax import datasets   # pylint: disable=import-outside-toplevel
+  from score_sde_jax.models import get_model   # pylint: disable=import-outside-toplevel
+  model = get_model(config)
+  shape = (1,) + datasets.data_shape(config)
+  return jax.eval_shape(lambda k: init_variables(config, model, k, shape), jax.random.PRNGKey(0))
 
 
 def create_train_state(config, model, key, input_shape, tx=None) -> TrainState:
