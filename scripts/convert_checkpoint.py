@@ -24,7 +24,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from score_sde_jax.train import cli  # noqa: E402
+from score_sde_jax import cli  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -48,7 +48,7 @@ line; `--verbose` adds the traceback), 4 another process of a multi-host run sto
 """
 import sys
 
-FLAGS = None   # the parsed flags (score_sde_jax.train.cli.run gives every run its own)
+FLAGS = None   # the parsed flags (score_sde_jax.cli.run gives every run its own)
 
 
 def define_flags(fv):
@@ -74,7 +74,7 @@ def define_flags(fv):
   flags.DEFINE_bool("bound", True, "Also compute ScoreFlow's variational bound.", flag_values=fv)
   flags.DEFINE_integer("bound_num_t", 16, "Monte Carlo draws of t per example for the bound.",
                        flag_values=fv)
-  from score_sde_jax.train import cli
+  from score_sde_jax import cli
   cli.define_run_flags(fv)
 
 
@@ -82,13 +82,13 @@ def main(fv):
   global FLAGS
   FLAGS = fv
   from score_sde_jax import evaluation
-  from score_sde_jax.train import cli
+  from score_sde_jax import cli
   return cli.start_and_run(FLAGS, _main, user_errors=(evaluation.EvalError, ValueError))
 
 
 def run(argv=None) -> int:
   """The script on `argv` (default sys.argv); returns the exit status (some paths raise SystemExit)."""
-  from score_sde_jax.train import cli
+  from score_sde_jax import cli
   return cli.run(argv, doc=__doc__, define_flags=define_flags, main=main)
 
 

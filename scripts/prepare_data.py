@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from score_sde_jax.config_defaults import base_config  # noqa: E402
 from score_sde_jax.datasets import builders, cifar10, images  # noqa: E402
-from score_sde_jax.train import cli  # noqa: E402
+from score_sde_jax import cli  # noqa: E402
 
 
 def _error(message: str) -> int:

@@ -35,7 +35,7 @@ traceback), 4 another process of a multi-host run stopped.
 import os
 import sys
 
-FLAGS = None   # the parsed flags (score_sde_jax.train.cli.run gives every run its own)
+FLAGS = None   # the parsed flags (score_sde_jax.cli.run gives every run its own)
 
 
 def define_flags(fv):
@@ -73,20 +73,20 @@ def define_flags(fv):
                       "'center', 'left', 'random', or a .npz/.png of 0/1 (1 = known).", flag_values=fv)
   flags.DEFINE_string("colorize", None, "Images (.npz/.png) to colourise (their grey is kept).",
                       flag_values=fv)
-  from score_sde_jax.train import cli
+  from score_sde_jax import cli
   cli.define_run_flags(fv)
 
 
 def main(fv):
   global FLAGS
   FLAGS = fv
-  from score_sde_jax.train import cli
+  from score_sde_jax import cli
   return cli.start_and_run(FLAGS, _main, user_errors=(ValueError,))
 
 
 def run(argv=None) -> int:
   """The script on `argv` (default sys.argv); returns the exit status (some paths raise SystemExit)."""
-  from score_sde_jax.train import cli
+  from score_sde_jax import cli
   return cli.run(argv, doc=__doc__, define_flags=define_flags, main=main)
 
 

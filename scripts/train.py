@@ -21,7 +21,7 @@ refused, naming the process that holds `<workdir>/.lock` (released when that pro
 import os
 import sys
 
-FLAGS = None   # the parsed flags (score_sde_jax.train.cli.run gives every run its own)
+FLAGS = None   # the parsed flags (score_sde_jax.cli.run gives every run its own)
 
 
 def define_flags(fv):
@@ -32,7 +32,7 @@ def define_flags(fv):
   flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.", flag_values=fv)
   flags.DEFINE_bool("force_resume", False, "Resume even if the saved config differs in model/data/optim "
                     "(the checkpoints must still fit the new config's train state).", flag_values=fv)
-  from score_sde_jax.train import cli
+  from score_sde_jax import cli
   cli.define_run_flags(fv)
   flags.DEFINE_bool("toy_report", True, "For toy data: pictures and test NLL after training.", flag_values=fv)
   flags.mark_flags_as_required(["config", "workdir"], flag_values=fv)
@@ -41,7 +41,7 @@ def define_flags(fv):
 def main(fv):
   global FLAGS
   FLAGS = fv
-  from score_sde_jax.train import cli
+  from score_sde_jax import cli
   # A SIGTERM/SIGINT stop (128+signal) is agreed by all hosts after a common checkpoint: a clean exit.
   return cli.start_and_run(FLAGS, _main, clean_exit_codes=range(128, 160))
 
@@ -51,7 +51,7 @@ def _main():
 
   import jax
   from score_sde_jax import train as train_lib
-  from score_sde_jax.train import cli
+  from score_sde_jax import cli
 
   t0 = time.time()
   config = FLAGS.config
@@ -90,7 +90,7 @@ def _main():
 
 def run(argv=None) -> int:
   """The script on `argv` (default sys.argv); returns the exit status (some paths raise SystemExit)."""
-  from score_sde_jax.train import cli
+  from score_sde_jax import cli
   return cli.run(argv, doc=__doc__, define_flags=define_flags, main=main)
 
 
