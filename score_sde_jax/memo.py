@@ -42,5 +42,4 @@ def per_config(fn: Callable[[Any], T], maxsize: int = 64) -> Callable[[Any], T]:
         cache.popitem(last=False)
     return _containers_copied(cache[key])
 
-  wrapper.cache_clear = cache.clear
   return wrapper
