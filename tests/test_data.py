@@ -174,11 +174,49 @@ def test_train_determinism_and_seed(mnist_config):
 
 def test_train_epoch_is_a_permutation():
   """Positions j = 0..N-1 of the stream map to each example exactly once; the next epoch reshuffles."""
-  perms = iterators._Permutations(1000, seed=7)  # pylint: disable=protected-access
-  first = perms.indices(np.arange(1000))
-  second = perms.indices(np.arange(1000, 2000))
+  order = iterators.GlobalOrder(1000, seed=7)
+  first = order.keys(np.arange(1000))
+  second = order.keys(np.arange(1000, 2000))
   assert sorted(first) == list(range(1000)) and sorted(second) == list(range(1000))
   assert not np.array_equal(first, second)
+
+
+def test_order_is_the_samplers():
+  """GlobalOrder's keys and generators are Grain's IndexSampler's, `sampler[j].record_key` and
+  `sampler[j].rng` (so a Grain upgrade that moves them fails here): three epochs of an odd size, and
+  config seeds past 32 bits and negative; generators compared on their first 8 raw outputs."""
+  for n, seed in ((37, 3), (1000, 2**40 + 5), (5, -1)):
+    order = iterators.GlobalOrder(n, seed)
+    positions = np.arange(3 * n)
+    np.testing.assert_array_equal(order.keys(positions), [order.sampler[j].record_key for j in positions])
+    for j in (0, n - 1, n, 3 * n - 1):
+      np.testing.assert_array_equal(order.rng(j).bit_generator.random_raw(8),
+                                    order.sampler[int(j)].rng.bit_generator.random_raw(8))
+
+
+def test_adjacent_seeds_do_not_share_epochs():
+  """Grain seeds epoch e with s + e: hashing the config seed keeps seed 1's first epoch from being seed 0's
+  second (two independent permutations of 1000 agree on 1 position on average; 5 or more: p < 0.004)."""
+  assert len({iterators.data_seed(s) for s in range(100)}) == 100
+  a = iterators.GlobalOrder(1000, 0).keys(np.arange(1000, 2000))
+  b = iterators.GlobalOrder(1000, 1).keys(np.arange(1000))
+  assert np.sum(a == b) < 5
+
+
+def test_image_batches_are_the_samplers_records(mnist_config):
+  """Host p's batch of step k is records sampler[j] for j in [kB + pb, kB + (p+1)b), each augmented by
+  Augment with its own generator sampler[j].rng."""
+  config = mnist_config(random_flip=True, uniform_dequantization=True)
+  it = datasets.get_train_iterator(config, process_index=1, process_count=2)
+  step = 3
+  got = it.batch_at(step)
+  sampler = iterators.GlobalOrder(60000, config.seed).sampler
+  records = [sampler[step * 64 + 32 + i] for i in range(32)]
+  raw, labels = it._source.get(np.array([r.record_key for r in records]))  # pylint: disable=protected-access
+  augment = iterators.Augment(random_flip=True, dequantize=True)
+  want = np.stack([augment.random_map(x, r.rng) for x, r in zip(raw, records)])
+  np.testing.assert_array_equal(got["image"], want)
+  np.testing.assert_array_equal(got["label"], labels)
 
 
 def test_value_ranges_and_scalers(mnist_config):
@@ -221,8 +259,9 @@ def test_dequantization_stays_in_its_bin():
   """(x + u) / 256 is exact in float32: floor(256 * value) == x and value < 1, also for x = 255."""
   x = np.full((64, 32, 32, 3), 255, np.uint8)
   x[::2] = 0
-  augment = iterators._augment  # pylint: disable=protected-access
-  out = augment(x, np.arange(64, dtype=np.int64), seed=3, flip=False, dequantize=True)
+  augment = iterators.Augment(random_flip=False, dequantize=True)
+  order = iterators.GlobalOrder(64, seed=3)
+  out = np.stack([augment.random_map(xi, order.rng(j)) for j, xi in enumerate(x)])
   assert out.dtype == np.float32 and out.max() < 1.0
   np.testing.assert_array_equal(np.floor(out * 256.0), x)
   frac = out * 256.0 - x
@@ -273,6 +312,19 @@ def test_state_round_trip_resumes_same_batches(mnist_config):
       np.testing.assert_array_equal(np.concatenate([q[k] for q in parts]), want[step][k])
   with pytest.raises(ValueError, match="seed"):
     datasets.get_train_iterator(config, seed=1, process_count=1).set_state(state)
+
+
+def test_state_of_an_earlier_order_resumes_at_its_step_with_a_note(mnist_config):
+  """A data position saved before Grain's sampler (no 'order' field) resumes at its step, in this order,
+  and says so; a current state says nothing."""
+  config = mnist_config()
+  it = datasets.get_train_iterator(config, process_count=1)
+  old = {"step": 5, "seed": config.seed, "dataset": "MNIST", "global_batch_size": 64, "num_examples": 60000}
+  note = it.set_state(old)
+  assert "SplitMix64" in note and "global batch 5" in note and iterators.ORDER in note
+  fresh = datasets.get_train_iterator(config, process_count=1)
+  assert fresh.set_state({**old, "order": iterators.ORDER}) is None
+  assert_batches_equal(take(it, 2), [fresh.batch_at(5), fresh.batch_at(6)])
 
 
 def test_train_hosts_are_slices_of_global_batch(mnist_config):

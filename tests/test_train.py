@@ -280,6 +280,31 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path):
   assert step == 12 and int(state.step) == 12
 
 
+def test_checkpoint_of_an_earlier_data_order_resumes_with_a_note(tmp_path, monkeypatch):
+  """A checkpoint whose data position was saved before Grain's sampler (its iterator state has no 'order')
+  still restores and resumes at its step; the run says the rest of the epoch is drawn in the new order,
+  and the checkpoints it writes name the new order."""
+  from score_sde_jax.datasets import iterators
+  current = iterators.TrainIterator.get_state
+  monkeypatch.setattr(iterators.TrainIterator, "get_state",
+                      lambda self: {k: v for k, v in current(self).items() if k != "order"})
+  c = tiny_config(n_iters=8)
+  work = str(tmp_path / "w")
+  train_lib.train(c, work, devices=jax.devices()[:1], progress=False, report=lambda *_: None)
+  monkeypatch.undo()
+  messages = []
+  c.training.n_iters = 12
+  r = train_lib.train(c, work, devices=jax.devices()[:1], progress=False, report=messages.append)
+  assert r.resumed_from == 8 and r.step == 12
+  text = "\n".join(messages)
+  assert "Checkpoint 8: The data position was saved in the order of the SplitMix64" in text, text
+  assert f"global batch 8 in the order of {iterators.ORDER}" in text, text
+  ck = ckpt_lib.Checkpointer(work)
+  step, _, data = ck.restore_latest(_abstract_state(c))
+  ck.close()
+  assert step == 12 and ckpt_lib.decode_data_state(data)["order"] == iterators.ORDER
+
+
 # ---------------------------------------------------------------------------------------------------
 # Config checks
 

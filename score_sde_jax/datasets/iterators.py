@@ -1,16 +1,24 @@
 """The training and evaluation iterators over a source of examples (`images.py` builds the sources).
 
-Determinism and resumption. The training stream of a run is a function of the seed only: global position
-`j` (0, 1, 2, ... over all hosts) holds example `perm_e[j mod N]` of epoch `e = j // N`, with `perm_e` a
-permutation drawn from `(seed, e)` (argsort of SplitMix64 keys); the random flip and the dequantisation
-noise of position `j` are counter-based random numbers (SplitMix64) of `(seed, j)`. Global batch `k` is
-positions `[kB, (k+1)B)` and host `p` of `P` takes positions `[kB + pB/P, kB + (p+1)B/P)`. So the iterator
-state is just the next step (`get_state()` -> small JSON dict), a resumed run sees exactly the batches it
-would have seen, and the hosts' batches put side by side are the single-host global batch (also after
-changing the host count). Only integer numpy arithmetic is involved, so the stream does not depend on the
-numpy version either.  Written here rather than with Grain's `IndexSampler`: its shuffle is per shard
-(host), so the global batch would depend on the host count, and its per-record seeds are not a function of
-the global position.  Grain runs the per-batch work in threads and prefetches (`_grain_iter`).
+Training order (Grain's sampler).  Global position `j` (0, 1, 2, ... over all hosts) is entry `j` of
+`grain.samplers.IndexSampler(N, NoSharding(), shuffle=True, seed=s)`, one sampler over the whole split,
+the same on every host: it holds record `sampler[j].record_key` (epoch `e = j // N` is Grain's
+`index_shuffle` permutation seeded `s + e`), and that record's random flip and dequantisation noise are
+drawn from its generator `sampler[j].rng` (Philox keyed `s + j`) by `Augment`, a Grain `RandomMap`;
+`s = data_seed(config.seed)`.  Global batch `k` is positions `[kB, (k+1)B)`, and host `p` of `P` takes
+`[kB + pB/P, kB + (p+1)B/P)`.  (Grain's own `shard_options` would shuffle within each host's shard, so
+the global batch would depend on the host count.)  Hence:
+  - the stream is a function of the seed;
+  - the iterator state is the next global step (`get_state()` -> small JSON dict), and a resumed run
+    sees exactly the batches it would have seen;
+  - the hosts' batches put side by side are the single-host global batch, also after changing the host
+    count.
+`GlobalOrder` gives the sampler's keys and generators for a whole batch at once: `sampler[j]` costs 24 µs
+a record in Python (a Philox generator and three dataset layers), which made MNIST batches of 128 nine
+times slower to produce (`benchmarks/data.py`); `GlobalOrder` computes an epoch's keys once with Grain's
+`index_shuffle` and builds a generator only where a record is augmented.  `test_order_is_the_samplers`
+checks keys and generators against `IndexSampler` itself, so a Grain change that moves them fails there.
+Grain runs the per-batch work in threads and prefetches (`_grain_iter`).
 
 Evaluation visits each example of a split exactly once, in record order, with the same host layout;
 every host runs `ceil(N / B)` batches, the positions past the end are zero-padded with `mask=False`.
@@ -22,6 +30,7 @@ import os
 import threading
 from typing import Callable
 
+import grain
 import numpy as np
 
 
@@ -50,82 +59,83 @@ def _host_layout(global_batch: int, process_index: int | None, process_count: in
   return global_batch, global_batch // process_count, process_index, process_count
 
 
-def _u64(x: int) -> int:
-  return int(x) % (1 << 64)
+# The order of the training stream, named in the iterator state: a checkpoint whose data position was
+# counted in another order (the SplitMix64 permutation of earlier versions, state without this field)
+# resumes at its step with a note saying the rest of its epoch is drawn afresh (`TrainIterator.set_state`).
+ORDER = "grain.IndexSampler"
 
 
-class _Permutations:
-  """Per-epoch permutations of range(n) drawn from (seed, epoch); keeps the last few."""
+def data_seed(seed: int) -> int:
+  """The 32-bit seed of Grain's sampler for config seed `seed` (any int).
+
+  Hashed (numpy's SeedSequence, a fixed algorithm) rather than used as is: Grain seeds epoch `e` with
+  `s + e` and record `j` with `s + j`, so config seeds 0 and 1 would otherwise share their epochs and
+  record generators shifted by one."""
+  return int(np.random.SeedSequence(int(seed) % (1 << 64)).generate_state(1, np.uint32)[0])
+
+
+class GlobalOrder:
+  """The order of `grain.samplers.IndexSampler(n, shuffle=True, seed=data_seed(seed))` (`.sampler`), a batch
+  of positions at a time: `keys(j)` are the records `sampler[j].record_key`, `rng(j)` is `sampler[j].rng`.
+
+  Epoch `e`'s keys are `grain.experimental.index_shuffle(k, n - 1, s + e, rounds=4)`, k < n, computed once
+  (2 µs a key); the generator of position `j` is `Generator(Philox(key=s + j))`.  Keeps the last three
+  epochs."""
 
   def __init__(self, n: int, seed: int):
-    self.n, self.seed = n, _u64(seed)
+    self.n, self.seed = n, data_seed(seed)
+    self.sampler = grain.samplers.IndexSampler(n, grain.sharding.NoSharding(), shuffle=True, num_epochs=None,
+                                               seed=self.seed)
     self._perms: dict[int, np.ndarray] = {}
     self._lock = threading.Lock()
 
-  def __call__(self, epoch: int) -> np.ndarray:
+  def epoch(self, e: int) -> np.ndarray:
     with self._lock:
-      perm = self._perms.get(epoch)
+      perm = self._perms.get(e)
       if perm is None:
-        # argsort of SplitMix64 keys: the same permutation with any numpy version (no Generator
-        # stream-compatibility caveat), so a run resumes identically after an upgrade.
-        keys = _uniform_bits(self.seed ^ 0x5EED5EED5EED5EED, np.array([epoch], np.int64), self.n)[0]
-        perm = np.argsort(keys, kind="stable")
-        self._perms[epoch] = perm
-        for e in sorted(self._perms)[:-3]:
-          del self._perms[e]
+        s, last = (self.seed + e) % (1 << 32), self.n - 1
+        perm = np.fromiter((grain.experimental.index_shuffle(k, last, s, 4) for k in range(self.n)),
+                           dtype=np.int64, count=self.n)
+        self._perms[e] = perm
+        for old in sorted(self._perms)[:-3]:
+          del self._perms[old]
       return perm
 
-  def indices(self, positions: np.ndarray) -> np.ndarray:
+  def keys(self, positions: np.ndarray) -> np.ndarray:
     epochs, offsets = np.divmod(positions, self.n)
     out = np.empty_like(positions)
     for e in np.unique(epochs):
       sel = epochs == e
-      out[sel] = self(int(e))[offsets[sel]]
+      out[sel] = self.epoch(int(e))[offsets[sel]]
     return out
 
-
-_GAMMA = np.uint64(0x9E3779B97F4A7C15)
-
-
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-  """SplitMix64 output function (a bijective 64-bit mixer), vectorised; wraps modulo 2**64."""
-  x = x ^ (x >> np.uint64(30))
-  x = x * np.uint64(0xBF58476D1CE4E5B9)
-  x = x ^ (x >> np.uint64(27))
-  x = x * np.uint64(0x94D049BB133111EB)
-  return x ^ (x >> np.uint64(31))
+  def rng(self, position: int) -> np.random.Generator:
+    return np.random.Generator(np.random.Philox(key=self.seed + int(position)))
 
 
-def _uniform_bits(seed: int, positions: np.ndarray, n: int) -> np.ndarray:
-  """uint64 [len(positions), n]: element i of position j is output number j*(n+1)+i+1 of the SplitMix64
-  generator seeded with `seed` (counter-based, so any host can compute any position's numbers)."""
-  base = _splitmix64(np.array([_u64(seed)], dtype=np.uint64))
-  with np.errstate(over="ignore"):
-    counters = (positions.astype(np.uint64)[:, None] * np.uint64(n + 1) + np.arange(1, n + 1, dtype=np.uint64))
-    return _splitmix64(base + counters * _GAMMA)
+class Augment(grain.transforms.RandomMap):
+  """uint8 image [H, W, C] -> float32 in [0, 1], flipped along the width with probability 1/2
+  (`random_flip`) and dequantised as (x + u) / 256, u ~ U[0, 1) per pixel (`dequantize`), else x / 255.
 
+  The draws are raw 64-bit outputs of the record's bit generator (`rng.bit_generator.random_raw`, fixed by
+  the Philox algorithm, unlike `Generator` methods, which numpy may change between versions): one for
+  the flip (always drawn, so the noise does not depend on the flip setting), then H·W·C for the noise.
+  u takes the top 16 bits, a 2**-16 grid, so that x + u (x <= 255) and the division by 256 are exact in
+  float32: the value lies in [x/256, (x+1)/256), strictly below 1 (a 24-bit u rounds x + u up to x + 1
+  when u is within 2**-17 of 1, and x = 255 then gives 1.0)."""
 
-def _uniforms(seed: int, positions: np.ndarray, n: int) -> np.ndarray:
-  """float32 [len(positions), n] in [0, 1) from the top 24 bits of `_uniform_bits`."""
-  return (_uniform_bits(seed, positions, n) >> np.uint64(40)).astype(np.float32) * np.float32(2.0**-24)
+  def __init__(self, random_flip: bool, dequantize: bool):
+    self.random_flip, self.dequantize = bool(random_flip), bool(dequantize)
 
-
-def _augment(images_u8: np.ndarray, positions: np.ndarray, seed: int, flip: bool, dequantize: bool):
-  """Float32 images in [0, 1] with the per-position random flip and dequantisation noise."""
-  x = images_u8
-  if flip:
-    # Stream 1 of the seed: one number per position; flip the width axis if it is < 1/2.
-    do_flip = _uniforms(_u64(seed) ^ 0x1F11F11F11F11F11, positions, 1)[:, 0] < 0.5
-    x = np.where(do_flip[:, None, None, None], x[:, :, ::-1], x)
-  if dequantize:
-    # Stream 2: H*W*C numbers per position. u is on a 2**-16 grid so that x + u (x <= 255) and the
-    # division by 256 are exact in float32: the result lies in [x/256, (x+1)/256), strictly below 1.
-    # (With a 24-bit u, x + u rounds up to x + 1 in float32 when u is within 2**-17 of 1: the value
-    # leaves its bin, and x = 255 gives exactly 1.0.)
-    bits = _uniform_bits(_u64(seed) ^ 0x2DE9A2DE9A2DE9A2, positions, int(np.prod(x.shape[1:])))
-    noise = (bits >> np.uint64(48)).astype(np.float32) * np.float32(2.0**-16)
+  def random_map(self, element: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    raw = rng.bit_generator.random_raw
+    x = element
+    if (int(raw()) >> 63) and self.random_flip:
+      x = x[:, ::-1]
+    if not self.dequantize:
+      return x.astype(np.float32) / np.float32(255.0)
+    noise = (raw(x.size) >> np.uint64(48)).astype(np.float32) * np.float32(2.0**-16)
     return (x.astype(np.float32) + noise.reshape(x.shape)) / np.float32(256.0)
-  return x.astype(np.float32) / np.float32(255.0)
 
 
 class _BatchSequence:
@@ -172,8 +182,8 @@ class TrainIterator:
     self.num_examples = source.num_examples
     if self.num_examples < 1:
       raise DataError(f"{dataset}: the training split is empty")
-    self._flip, self._dequantize = random_flip, dequantize
-    self._perms = _Permutations(self.num_examples, self.seed)
+    self._order = GlobalOrder(self.num_examples, self.seed)
+    self._augment = Augment(random_flip, dequantize)
     self._threads = num_threads or _default_threads()
     self._prefetch = prefetch
     self._seq = _BatchSequence(self.batch_at, _INFINITE)
@@ -188,11 +198,13 @@ class TrainIterator:
     """The host batch of global step `step` (pure function of seed, step and host layout)."""
     start = step * self.global_batch_size + self.process_index * self.batch_size
     positions = np.arange(start, start + self.batch_size, dtype=np.int64)
-    indices = self._perms.indices(positions)
-    data, labels = self._source.get(indices)
+    data, labels = self._source.get(self._order.keys(positions))
     if self._source.is_toy:
       return {"image": data} if labels is None else {"image": data, "label": labels}
-    images = _augment(data, positions, self.seed, self._flip, self._dequantize)
+    if self._augment.random_flip or self._augment.dequantize:
+      images = np.stack([self._augment.random_map(x, self._order.rng(j)) for x, j in zip(data, positions)])
+    else:
+      images = data.astype(np.float32) / np.float32(255.0)
     return {"image": images, "label": labels}
 
   def __iter__(self):
@@ -210,15 +222,23 @@ class TrainIterator:
   def get_state(self) -> dict:
     """JSON-serialisable state; `set_state` on a fresh iterator of the same config resumes after it."""
     return {"step": self._step, "seed": self.seed, "dataset": self.dataset,
-            "global_batch_size": self.global_batch_size, "num_examples": self.num_examples}
+            "global_batch_size": self.global_batch_size, "num_examples": self.num_examples, "order": ORDER}
 
-  def set_state(self, state: dict) -> None:
+  def set_state(self, state: dict) -> str | None:
+    """Continues after the state's step.  Returns None, or a note to show the user when the state counted
+    its steps in another order (an earlier version's): the run goes on at the same step in this order,
+    so the rest of the current epoch is drawn afresh (some examples repeat, some are skipped, once)."""
     for k in ("seed", "dataset", "global_batch_size", "num_examples"):
       if k in state and state[k] != getattr(self, k):
         raise ValueError(f"Iterator state was saved with {k}={state[k]!r} but this iterator has "
                          f"{k}={getattr(self, k)!r}; the batches would differ.")
+    order = state["order"] if "order" in state else "SplitMix64 permutation (score_sde_jax before Grain's sampler)"
     self._step = int(state["step"])
     self._it = None  # rebuilt lazily at the new position
+    if order == ORDER:
+      return None
+    return (f"The data position was saved in the order of the {order}; training continues at global batch "
+            f"{self._step} in the order of {ORDER}, so the rest of this epoch is drawn afresh.")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -307,13 +307,13 @@ def _resume_data(restored, train_iter, ckpt_dir: str, n_dev: int, report) -> Non
   step, saved = restored.step, restored.data
   try:
     data_state = ckpt_lib.decode_data_state(saved)
+    note = None if data_state is None else train_iter.set_state(data_state)
   except ValueError as e:
     raise DataError(f"checkpoint {step} in {ckpt_dir}: {e}") from e
-  if data_state is not None:
-    train_iter.set_state(data_state)
-  else:
-    report(f"Checkpoint {step} was converted from {saved['converted_from']}: the data starts from the "
-           f"beginning.")
+  if data_state is None:
+    report(f"Checkpoint {step} was converted from {saved['converted_from']}: the data starts afresh.")
+  elif note:
+    report(f"Checkpoint {step}: {note}")
   report(f"Resuming from step {step} ({os.path.join(ckpt_dir, str(step))}).")
   hosts, devices = restored.saved_hosts, restored.saved_devices
   if (hosts is not None and hosts != jax.process_count()) or (devices is not None and devices != n_dev):
