@@ -118,8 +118,9 @@ class Augment(grain.transforms.RandomMap):
   (`random_flip`) and dequantised as (x + u) / 256, u ~ U[0, 1) per pixel (`dequantize`), else x / 255.
 
   The draws are raw 64-bit outputs of the record's bit generator (`rng.bit_generator.random_raw`, fixed by
-  the Philox algorithm, unlike `Generator` methods, which numpy may change between versions): one for
-  the flip (always drawn, so the noise does not depend on the flip setting), then H·W·C for the noise.
+  the Philox algorithm, unlike `Generator` methods, which numpy may change between versions), drawn in one
+  call: the first for the flip (drawn even when unused, so the noise does not depend on the flip setting),
+  then H·W·C for the noise.
   u takes the top 16 bits, a 2**-16 grid, so that x + u (x <= 255) and the division by 256 are exact in
   float32: the value lies in [x/256, (x+1)/256), strictly below 1 (a 24-bit u rounds x + u up to x + 1
   when u is within 2**-17 of 1, and x = 255 then gives 1.0)."""
@@ -128,13 +129,20 @@ class Augment(grain.transforms.RandomMap):
     self.random_flip, self.dequantize = bool(random_flip), bool(dequantize)
 
   def random_map(self, element: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    raw = rng.bit_generator.random_raw
-    x = element
-    if (int(raw()) >> 63) and self.random_flip:
-      x = x[:, ::-1]
+    return self.map_batch(element[None], [rng])[0]
+
+  def map_batch(self, images: np.ndarray, rngs) -> np.ndarray:
+    """`random_map` of each image [N, H, W, C] with its generator, the arithmetic done once for the batch
+    (the per-record Python work is only the draws)."""
+    size = int(np.prod(images.shape[1:]))
+    draws = [rng.bit_generator.random_raw(1 + size * self.dequantize) for rng in rngs]
+    x = images
+    if self.random_flip:
+      flip = np.array([d[0] >> np.uint64(63) for d in draws], bool)
+      x = np.where(flip[:, None, None, None], x[:, :, ::-1], x)
     if not self.dequantize:
       return x.astype(np.float32) / np.float32(255.0)
-    noise = (raw(x.size) >> np.uint64(48)).astype(np.float32) * np.float32(2.0**-16)
+    noise = (np.stack([d[1:] for d in draws]) >> np.uint64(48)).astype(np.float32) * np.float32(2.0**-16)
     return (x.astype(np.float32) + noise.reshape(x.shape)) / np.float32(256.0)
 
 
@@ -202,7 +210,7 @@ class TrainIterator:
     if self._source.is_toy:
       return {"image": data} if labels is None else {"image": data, "label": labels}
     if self._augment.random_flip or self._augment.dequantize:
-      images = np.stack([self._augment.random_map(x, self._order.rng(j)) for x, j in zip(data, positions)])
+      images = self._augment.map_batch(data, [self._order.rng(j) for j in positions])
     else:
       images = data.astype(np.float32) / np.float32(255.0)
     return {"image": images, "label": labels}
