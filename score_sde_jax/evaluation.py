@@ -18,7 +18,9 @@ Resumability: each finished (repeat, batch) appends one JSON line (the global ex
 unmasked rows, their bits/dim and bound, the NFE, seconds) to `<workdir>/eval/<name>.jsonl` and fsyncs
 it; a rerun reads the file, skips the (repeat, batch) entries already there (a partially written last
 line is dropped) and the summary is built from the unique entries, with a check that every example is
-counted exactly once per repeat.  The summary is written to `<workdir>/eval/<name>.summary.json`.
+counted exactly once per repeat.  The summary is written to `<workdir>/eval/<name>.summary.json`, and
+its bits/dim (NLL) and bound go to TensorBoard at the checkpoint's step (`<workdir>/eval/logs`, beside
+the FID/KID/IS of `sample_quality`).
 
 ScoreFlow's bound, computed beside bits/dim, is `bound.variational_bound`.
 """
@@ -38,6 +40,7 @@ import numpy as np
 
 from score_sde_jax import bound as bound_lib
 from score_sde_jax import config_defaults
+from score_sde_jax.run import metric_writer
 from score_sde_jax.eval_settings import EvalError, EvalSettings, settings_from_config  # noqa: F401
 from score_sde_jax import likelihood
 from score_sde_jax import sde as sde_lib
@@ -223,17 +226,31 @@ def evaluate_likelihood(config, workdir: str, *, checkpoints="latest", devices: 
   model = models.get_model(config)
   evaluator = LikelihoodEvaluator(config, sde, model, mesh, s, workdir, report=report, progress=progress,
                                   stop_after=stop_after)
-  results = []
-  for step in steps:
-    pre = pretrained
-    if params is None:
-      pre = pretrained if pretrained is not None else read_step(config, workdir, step, weights)
-      p, fingerprint, which_weights = pre.variables, pre.fingerprint, pre.weights
-    else:
-      from score_sde_jax import checkpoints as ckpts
-      p, fingerprint, which_weights = params, ckpts.fingerprint(params), "given"
-    results.append(evaluator.run(p, step, fingerprint=fingerprint, weights=which_weights, pretrained=pre))
+  results, writer = [], None
+  try:
+    for step in steps:
+      pre = pretrained
+      if params is None:
+        pre = pretrained if pretrained is not None else read_step(config, workdir, step, weights)
+        p, fingerprint, which_weights = pre.variables, pre.fingerprint, pre.weights
+      else:
+        from score_sde_jax import checkpoints as ckpts
+        p, fingerprint, which_weights = params, ckpts.fingerprint(params), "given"
+      r = evaluator.run(p, step, fingerprint=fingerprint, weights=which_weights, pretrained=pre)
+      results.append(r)
+      if r is not None:   # the writer is created with the first result: a failed run leaves no event file
+        writer = writer or metric_writer.MetricWriter(os.path.join(os.path.abspath(workdir), "eval", "logs"))
+        writer.write_scalars(step, {f"eval/{k}": r[k] for k in TENSORBOARD_KEYS
+                                    if k in r and math.isfinite(r[k])})
+        writer.flush()
+  finally:
+    if writer is not None:
+      writer.close()
   return results
+
+
+# The summary's numbers that go to TensorBoard (toy runs have the nats keys, images the bits keys).
+TENSORBOARD_KEYS = ("bits_per_dim", "nll_nats_per_dim", "bound_bits_per_dim", "bound_nats_per_dim")
 
 
 class LikelihoodEvaluator:

@@ -259,7 +259,7 @@ def evaluate_sample_quality(config, workdir: str, *, checkpoints="latest", pretr
   from score_sde_jax import evaluation, models
   from score_sde_jax import sde as sde_lib
   from score_sde_jax.run import parallel
-  from score_sde_jax.train import metric_writer
+  from score_sde_jax.run import metric_writer
   process0 = jax.process_index() == 0
   report = report if report is not None else (print if process0 else (lambda *_: None))
   mesh = parallel.make_mesh(devices)

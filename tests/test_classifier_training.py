@@ -199,7 +199,7 @@ def test_classifier_accuracy_is_logged_against_t(trained_noise_classifier):
   """The snapshot writes eval/accuracy_t<t> for every t of the curve; accuracy falls as t grows (the
   classes merge under the noise: Bayes accuracy 1.0 at t = 1e-3, ~0.7 at t = 1 for mixture1d's weights)."""
   import os
-  from score_sde_jax.train import metric_writer
+  from score_sde_jax.run import metric_writer
   _, result = trained_noise_classifier
   events = [f for f in os.listdir(result.log_dir) if f.startswith("events.out.tfevents")]
   scalars = metric_writer.read_scalars(os.path.join(result.log_dir, events[0]))

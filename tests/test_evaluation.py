@@ -120,6 +120,15 @@ def test_each_example_once_and_same_on_1_and_4_devices(workdir, four_device_run,
   # the repeats used different noise only where noise enters (exact divergence, continuous data: the
   # NLL is deterministic; the bound's Monte Carlo differs between repeats)
   assert os.path.exists(s4["summary_path"])
+  # the summary's numbers are in TensorBoard at the checkpoint's step
+  from score_sde_jax.run import metric_writer
+  logs = os.path.join(os.path.dirname(s1["summary_path"]), "logs")
+  (events,) = [f for f in os.listdir(logs) if f.startswith("events.out.tfevents")]
+  rows = metric_writer.read_scalars(os.path.join(logs, events))
+  assert sorted(tag for _, tag, _ in rows) == ["eval/bits_per_dim", "eval/bound_nats_per_dim",
+                                               "eval/nll_nats_per_dim"]
+  for step, tag, value in rows:   # float32 in the event file
+    assert step == 10 and abs(value - s1[tag[5:]]) <= 1e-6 * abs(s1[tag[5:]])
 
 
 def test_max_examples_and_batch_padded_to_device_count(workdir, tmp_path):

@@ -19,7 +19,8 @@ from score_sde_jax import config_defaults
 from score_sde_jax import train as train_lib
 from score_sde_jax.run import checkpoint as ckpt_lib
 from score_sde_jax.run import config_utils
-from score_sde_jax.train import loop, metric_writer
+from score_sde_jax.run import metric_writer
+from score_sde_jax.train import loop
 
 HERE = os.path.abspath(__file__)
 

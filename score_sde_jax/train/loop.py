@@ -43,7 +43,7 @@ from score_sde_jax.train import actions
 from score_sde_jax.run import checkpoint as ckpt_lib
 from score_sde_jax.train.actions import NonFiniteLossError  # noqa: F401  (re-exported)
 from score_sde_jax.run import config_utils
-from score_sde_jax.train import metric_writer
+from score_sde_jax.run import metric_writer
 from score_sde_jax.run import parallel
 from score_sde_jax.run import state as state_lib
 from score_sde_jax.train import step as step_lib
