@@ -12,7 +12,7 @@ from score_sde_jax.models import ddpm  # noqa: F401  (registers 'ddpm')
 from score_sde_jax.models import ncsnv2  # noqa: F401  (registers 'ncsn', 'ncsnv2_64/128/256')
 from score_sde_jax.models import classifiers  # noqa: F401  (registers 'classifier_mlp', 'classifier_cnn')
 from score_sde_jax.models import wideresnet  # noqa: F401  (registers 'wideresnet_noise_conditional')
-from score_sde_jax.metrics import mnist_features  # noqa: F401  (registers 'mnist_feature_net')
+from score_sde_jax.models import mnist_classifier  # noqa: F401  (registers 'mnist_feature_net')
 from score_sde_jax.models.convert import convert_torch_state_dict, export_torch_state_dict
 from score_sde_jax.models.registry import get_model_class, register_model, registered_models
 
