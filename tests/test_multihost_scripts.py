@@ -117,7 +117,8 @@ def test_two_processes_sample_as_one(hosts, tmp_path):
 
 def test_two_processes_evaluate_as_one(hosts, tmp_path):
   """2 processes × 2 devices evaluate the 2-host checkpoint (step 16) like 1 process × 4 devices: every
-  test example counted once, the same per-example NLL, one results file and one summary (process 0)."""
+  test example counted once, the same per-example NLL, one results file, one summary and one TensorBoard
+  event file (process 0)."""
   before = tree(hosts / "checkpoints")
   args = ["scripts/evaluate.py", f"--config={CONFIG}"] + OVERRIDES + [
       f"--checkpoint={hosts}/checkpoints/16", "--nobound", "--noprogress"]
@@ -125,8 +126,10 @@ def test_two_processes_evaluate_as_one(hosts, tmp_path):
   ok(run_script(args + [f"--workdir={tmp_path / 'one'}"], devices=4))
   results = {}
   for k in ("two", "one"):
-    files = sorted(os.listdir(tmp_path / k / "eval"))
+    files = sorted(f for f in os.listdir(tmp_path / k / "eval") if f != "logs")
     assert len(files) == 2 and files[0].endswith(".jsonl") and files[1].endswith(".summary.json"), files
+    # TensorBoard: one event file, written by process 0 only
+    assert len([f for f in os.listdir(tmp_path / k / "eval" / "logs") if f.startswith("events.out")]) == 1
     entries = [json.loads(ln) for ln in open(tmp_path / k / "eval" / files[0]) if '"entry"' in ln]
     ids = [i for e in entries for i in e["ids"]]
     assert sorted(ids) == list(range(32))               # every example once
