@@ -63,6 +63,7 @@ def _host_layout(global_batch: int, process_index: int | None, process_count: in
 # counted in another order (the SplitMix64 permutation of earlier versions, state without this field)
 # resumes at its step with a note saying the rest of its epoch is drawn afresh (`TrainIterator.set_state`).
 ORDER = "grain.IndexSampler"
+EARLIER_ORDER = "SplitMix64 permutation (score_sde_jax before Grain's sampler)"
 
 
 def data_seed(seed: int) -> int:
@@ -240,7 +241,7 @@ class TrainIterator:
       if k in state and state[k] != getattr(self, k):
         raise ValueError(f"Iterator state was saved with {k}={state[k]!r} but this iterator has "
                          f"{k}={getattr(self, k)!r}; the batches would differ.")
-    order = state["order"] if "order" in state else "SplitMix64 permutation (score_sde_jax before Grain's sampler)"
+    order = state["order"] if "order" in state else EARLIER_ORDER
     self._step = int(state["step"])
     self._it = None  # rebuilt lazily at the new position
     if order == ORDER:
