@@ -226,7 +226,8 @@ def evaluate_likelihood(config, workdir: str, *, checkpoints="latest", devices: 
   model = models.get_model(config)
   evaluator = LikelihoodEvaluator(config, sde, model, mesh, s, workdir, report=report, progress=progress,
                                   stop_after=stop_after)
-  results, writer = [], None
+  results = []
+  writer = metric_writer.MetricWriter(os.path.join(os.path.abspath(workdir), "eval", "logs"))
   try:
     for step in steps:
       pre = pretrained
@@ -238,14 +239,12 @@ def evaluate_likelihood(config, workdir: str, *, checkpoints="latest", devices: 
         p, fingerprint, which_weights = params, ckpts.fingerprint(params), "given"
       r = evaluator.run(p, step, fingerprint=fingerprint, weights=which_weights, pretrained=pre)
       results.append(r)
-      if r is not None:   # the writer is created with the first result: a failed run leaves no event file
-        writer = writer or metric_writer.MetricWriter(os.path.join(os.path.abspath(workdir), "eval", "logs"))
+      if r is not None:
         writer.write_scalars(step, {f"eval/{k}": r[k] for k in TENSORBOARD_KEYS
                                     if k in r and math.isfinite(r[k])})
         writer.flush()
   finally:
-    if writer is not None:
-      writer.close()
+    writer.close()
   return results
 
 

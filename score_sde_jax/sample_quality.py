@@ -274,7 +274,7 @@ def evaluate_sample_quality(config, workdir: str, *, checkpoints="latest", pretr
   samples_dir = os.path.join(out_root, f"samples_{evaluation.identity_hash(samples_identity(config, s))}")
   ev = SampleQualityEvaluator(config, sde, model, mesh, net, samples_dir,
                               settings=s, progress=progress, report=report)
-  writer, results = None, []
+  writer, results = metric_writer.MetricWriter(os.path.join(out_root, "logs")), []
   try:
     for step in steps:
       pre = pretrained if pretrained is not None else evaluation.read_step(config, workdir, step, weights)
@@ -286,13 +286,10 @@ def evaluate_sample_quality(config, workdir: str, *, checkpoints="latest", pretr
       label = f"step{step}" if pre.format == "workdir" else f"{pre.format}_step{step}"
       r["results_file"] = os.path.join(out_root, f"fid_{label}_{evaluation.identity_hash(identity)}.jsonl")
       _append(r["results_file"], {"step": step, "identity": identity, "checkpoint": pre.path}, r)
-      if writer is None:   # created with the first result: a failed run leaves no empty event file
-        writer = metric_writer.MetricWriter(os.path.join(out_root, "logs"))
       writer.write_scalars(step, {f"eval/{k}": r[k] for k in ("fid", "kid", "is") if math.isfinite(r[k])})
       writer.flush()
       report(format_result(r))
       results.append(r)
   finally:
-    if writer is not None:
-      writer.close()
+    writer.close()
   return results

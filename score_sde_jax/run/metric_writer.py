@@ -19,21 +19,22 @@ ERRORS_LOG = "errors.log"
 
 class MetricWriter:
   """`write_scalars(step, {name: value})` to `<logdir>/events.out.tfevents.*` (tensorboardX) and
-  `<logdir>/metrics.jsonl`.  Only create it on process 0 (or pass `enabled=False`)."""
+  `<logdir>/metrics.jsonl`.  Only create it on process 0 (or pass `enabled=False`).  The files are opened
+  by the first `write_scalars`, so a run that fails before its first number leaves no empty event file."""
 
   def __init__(self, logdir: str, enabled: bool = True):
     self.logdir = logdir
     self.enabled = enabled
-    if not enabled:
-      return
-    from tensorboardX import SummaryWriter
-    os.makedirs(logdir, exist_ok=True)
-    self._tb = SummaryWriter(logdir=logdir, flush_secs=30)
-    self._jsonl = open(os.path.join(logdir, "metrics.jsonl"), "a")
+    self._tb = self._jsonl = None
 
   def write_scalars(self, step: int, scalars: Dict[str, float]) -> None:
     if not self.enabled:
       return
+    if self._tb is None:
+      from tensorboardX import SummaryWriter
+      os.makedirs(self.logdir, exist_ok=True)
+      self._tb = SummaryWriter(logdir=self.logdir, flush_secs=30)
+      self._jsonl = open(os.path.join(self.logdir, "metrics.jsonl"), "a")
     scalars = {k: float(v) for k, v in scalars.items()}
     now = time.time()
     for tag, value in scalars.items():
@@ -41,15 +42,16 @@ class MetricWriter:
     self._jsonl.write(json.dumps({"step": int(step), **scalars}) + "\n")
 
   def flush(self) -> None:
-    if self.enabled:
+    if self._tb is not None:
       self._tb.flush()
       self._jsonl.flush()
 
   def close(self) -> None:
-    if self.enabled:
+    if self._tb is not None:
       self._tb.close()
       self._jsonl.close()
-      self.enabled = False
+    self._tb = self._jsonl = None
+    self.enabled = False
 
 
 class ErrorLog:
