@@ -134,7 +134,10 @@ class Augment(grain.transforms.RandomMap):
 
   def map_batch(self, images: np.ndarray, rngs) -> np.ndarray:
     """`random_map` of each image [N, H, W, C] with its generator, the arithmetic done once for the batch
-    (the per-record Python work is only the draws)."""
+    (the per-record Python work is only the draws).  `rngs` (an iterable) is not read when neither flip
+    nor dequantisation is on: nothing is drawn, and no generator need be built."""
+    if not (self.random_flip or self.dequantize):
+      return images.astype(np.float32) / np.float32(255.0)
     size = int(np.prod(images.shape[1:]))
     draws = [rng.bit_generator.random_raw(1 + size * self.dequantize) for rng in rngs]
     x = images
@@ -210,10 +213,7 @@ class TrainIterator:
     data, labels = self._source.get(self._order.keys(positions))
     if self._source.is_toy:
       return {"image": data} if labels is None else {"image": data, "label": labels}
-    if self._augment.random_flip or self._augment.dequantize:
-      images = self._augment.map_batch(data, [self._order.rng(j) for j in positions])
-    else:
-      images = data.astype(np.float32) / np.float32(255.0)
+    images = self._augment.map_batch(data, (self._order.rng(j) for j in positions))
     return {"image": images, "label": labels}
 
   def __iter__(self):
