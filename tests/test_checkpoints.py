@@ -27,9 +27,11 @@ from score_sde_jax import checkpoints
 from score_sde_jax.models import convert_torch_state_dict, get_model
 from score_sde_jax.run import config_utils
 
+import official_matrix  # tests/official_matrix.py
+from official_matrix import MATRIX_DIR
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(os.path.dirname(REPO), "shared", "fixtures", "official_checkpoints")
-MATRIX_DIR = os.path.join(os.path.dirname(REPO), "shared", "fixtures", "official_torch_matrix")
 NAMES = sorted(n for n in (os.listdir(FIXTURES) if os.path.isdir(FIXTURES) else [])
                if os.path.isdir(os.path.join(FIXTURES, n)))
 NEWEST = {"ddpmpp_vp_continuous_jax": "checkpoint_10", "ddpmpp_vp_continuous_torch": "checkpoint_10.pth",
@@ -120,18 +122,17 @@ def _leaf_paths(tree, prefix=()):
       yield prefix + (k,)
 
 
-MATRIX = sorted(p for p in glob.glob(os.path.join(MATRIX_DIR, "**", "*.npz"), recursive=True)
-                if "jaxsem" not in p)
+# The official JAX names concern NCSN++/DDPM++ and DDPM (NCSN/NCSNv2 have no FIR resampling conv).
+MATRIX = [os.path.join(MATRIX_DIR, r) for r in official_matrix.MATRIX if "jaxsem" not in r]
 
 
-@pytest.mark.skipif(not MATRIX, reason=f"{MATRIX_DIR} is not present")
-def test_official_jax_names_on_every_architecture(tmp_path, monkeypatch):
-  """For every NCSN++/DDPM++/DDPM configuration of the covering matrix, an official-JAX-format State
-  (our tree with the official FIR conv leaf name, msgpack as flax 0.3 wrote it) loads back to exactly the
-  converted weights, raw weights from optimizer.target; with the explicit leaf mapping switched off, the
-  architectures with FIR resampling convolutions are refused, naming the parameter."""
+def _check_official_jax_names(paths, tmp_path, monkeypatch):
+  """For each configuration, an official-JAX-format State (our tree with the official FIR conv leaf name,
+  msgpack as flax 0.3 wrote it) loads back to exactly the converted weights, raw weights from
+  optimizer.target; with the explicit leaf mapping switched off, the architectures with FIR resampling
+  convolutions are refused, naming the parameter.  Returns how many had FIR resampling convolutions."""
   with_fir_conv = 0
-  for path in MATRIX:
+  for path in paths:
     d = np.load(path)
     config = ml_collections.ConfigDict(json.loads(str(d["config_json"])))
     config_defaults.complete(config)   # an official config: the fields it predates get their defaults
@@ -154,7 +155,23 @@ def test_official_jax_names_on_every_architecture(tmp_path, monkeypatch):
         mp.setattr(checkpoints, "_OFFICIAL_JAX_LEAVES", {})
         with pytest.raises(checkpoints.CheckpointError, match=r"Conv2d_0/kernel \(shape .*\) is missing"):
           checkpoints.load_pretrained(str(f), config)
-  assert with_fir_conv >= 5, with_fir_conv
+  return with_fir_conv
+
+
+@pytest.mark.skipif(not MATRIX, reason=f"{MATRIX_DIR} is not present")
+def test_official_jax_names_on_every_switch_value(tmp_path, monkeypatch):
+  """`_check_official_jax_names` on the default run's subset of the matrix (every switch value of
+  NCSN++/DDPM++ and DDPM, tests/official_matrix.py), FIR resampling convolutions among them."""
+  default = [p for p in MATRIX if os.path.relpath(p, MATRIX_DIR) in official_matrix.DEFAULT]
+  assert len(default) >= 7, default
+  assert _check_official_jax_names(default, tmp_path, monkeypatch) >= 1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not MATRIX, reason=f"{MATRIX_DIR} is not present")
+def test_official_jax_names_on_every_architecture(tmp_path, monkeypatch):
+  """`_check_official_jax_names` on every NCSN++/DDPM++/DDPM configuration of the covering matrix."""
+  assert _check_official_jax_names(MATRIX, tmp_path, monkeypatch) >= 5
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -4,9 +4,9 @@ their state dicts, both the raw network output and the score of `get_score_fn`.
 
 `official_torch_matrix/` covers every architecture switch of NCSN++/DDPM++ and DDPM pairwise (plus the
 paper's configurations, rare settings, `patched/` combinations the PyTorch port crashes on, and `jaxsem/`
-NCSN/NCSNv2 fixtures of the port switched to the official JAX maths); each one is checked here."""
+NCSN/NCSNv2 fixtures of the port switched to the official JAX maths); each one is checked here, those of
+`official_matrix.DEFAULT` (every switch value) in the default run and the pairwise rest with -m slow."""
 import functools
-import glob
 import importlib.util
 import json
 import os
@@ -22,6 +22,9 @@ import pytest
 from score_sde_jax.models import convert_torch_state_dict, get_model, get_score_fn
 from score_sde_jax.models import convert as convert_lib
 from score_sde_jax.sde import sde_from_config
+
+import official_matrix  # tests/official_matrix.py
+from official_matrix import MATRIX, MATRIX_DIR
 
 FIXTURES = ("ncsnpp_ve_continuous_small", "ddpmpp_vp_continuous_small", "ddpm_vp_small")
 PARAM_COUNTS = {"ncsnpp_ve_continuous_small": 461427, "ddpmpp_vp_continuous_small": 446051,
@@ -61,18 +64,12 @@ def _nhwc(a):
   return np.transpose(a, (0, 2, 3, 1))
 
 
-MATRIX_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                          "shared", "fixtures", "official_torch_matrix")
-MATRIX = sorted(os.path.relpath(p, MATRIX_DIR)
-                for p in glob.glob(os.path.join(MATRIX_DIR, "**", "*.npz"), recursive=True))
-
-
-@pytest.mark.parametrize("rel", MATRIX or [pytest.param("", marks=pytest.mark.skip(
-    reason=f"{MATRIX_DIR} is not present"))])
+@pytest.mark.parametrize("rel", official_matrix.params(MATRIX))
 def test_official_matrix(rel):
   """Every fixture of the covering matrix: converted weights reproduce the official output (and the
   official `get_score_fn` score, where the fixture has one) within relative L2 1e-4 — the fixtures' own
-  criterion; float32 reorderings give ~1e-6 (measured 5e-7 … 1.7e-6 over the matrix)."""
+  criterion; float32 reorderings give ~1e-6 (measured 5e-7 … 1.7e-6 over the matrix).  The default run
+  checks `official_matrix.DEFAULT`, the rest runs with -m slow."""
   d = np.load(os.path.join(MATRIX_DIR, rel))
   config = ml_collections.ConfigDict(json.loads(str(d["config_json"])))
   config_defaults.complete(config)   # an official config: the fields it predates get their defaults
@@ -98,6 +95,21 @@ def test_official_matrix(rel):
   if has_score:
     err = _rel(score, _nhwc(d["score"]))
     assert err < TOL, f"{rel}: score relative L2 error {err:.3e}"
+
+
+@pytest.mark.skipif(not MATRIX, reason=f"{MATRIX_DIR} is not present")
+def test_default_matrix_covers_every_switch_value():
+  """Every value of every switch that some matrix fixture has (architecture switches, model, SDE,
+  continuous/discrete, activation, channels, fixture group, score or not) is in a fixture of the default
+  run, so the default run exercises each code path and -m slow adds only the pairwise interactions."""
+  assert set(official_matrix.DEFAULT) <= set(MATRIX), sorted(set(official_matrix.DEFAULT) - set(MATRIX))
+  default = set().union(*(official_matrix.switch_values(r) for r in official_matrix.DEFAULT))
+  missing = {}
+  for rel in MATRIX:
+    for v in official_matrix.switch_values(rel) - default:
+      missing.setdefault(v, rel)
+  assert not missing, ("values only in slow fixtures (add one such fixture to official_matrix.DEFAULT): "
+                       f"{sorted(missing.items(), key=str)}")
 
 
 @pytest.mark.parametrize("name", FIXTURES)
