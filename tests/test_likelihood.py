@@ -21,15 +21,24 @@ B = 128
 EPS = 1e-5
 
 
+_CASES = {}
+
+
+def _case(sde_name):
+  """One exact-divergence solve per SDE (computed once per process), shared by the tests below."""
+  if sde_name not in _CASES:
+    sde = SDES[sde_name]
+    score_fn = MIX.perturbed_score_fn(sde)
+    x = MIX.sample(jax.random.PRNGKey(7), B)
+    logp, z, nfe = jax.jit(lambda k, x: likelihood.log_likelihood(k, sde, score_fn, x, divergence="exact",
+                                                                   eps=EPS))(jax.random.PRNGKey(0), x)
+    _CASES[sde_name] = (sde, score_fn, x, logp, z, nfe)
+  return _CASES[sde_name]
+
+
 @pytest.fixture(scope="module", params=list(SDES))
 def case(request):
-  """One exact-divergence solve per SDE, shared by the tests below."""
-  sde = SDES[request.param]
-  score_fn = MIX.perturbed_score_fn(sde)
-  x = MIX.sample(jax.random.PRNGKey(7), B)
-  logp, z, nfe = jax.jit(lambda k, x: likelihood.log_likelihood(k, sde, score_fn, x, divergence="exact",
-                                                                 eps=EPS))(jax.random.PRNGKey(0), x)
-  return sde, score_fn, x, logp, z, nfe
+  return _case(request.param)
 
 
 def test_exact_likelihood_equals_the_true_log_density(case):
@@ -45,11 +54,18 @@ def test_exact_likelihood_equals_the_true_log_density(case):
   assert 10 < int(nfe) < 2000
 
 
-@pytest.mark.parametrize("divergence", ["hutchinson_rademacher", "hutchinson_gaussian"])
-def test_hutchinson_estimators_agree_with_the_exact_divergence(case, divergence):
+# Each SDE and each estimator at least once by default; the other three pairs with -m slow.
+_HUTCHINSON_BY_DEFAULT = {("ve", "hutchinson_rademacher"), ("vp", "hutchinson_gaussian"),
+                          ("subvp", "hutchinson_rademacher")}
+
+
+@pytest.mark.parametrize("sde_name,divergence", [
+    pytest.param(s, d, marks=() if (s, d) in _HUTCHINSON_BY_DEFAULT else pytest.mark.slow)
+    for s in SDES for d in ("hutchinson_rademacher", "hutchinson_gaussian")])
+def test_hutchinson_estimators_agree_with_the_exact_divergence(sde_name, divergence):
   """The mean over 8 independent probe draws (2 probes each) of the Hutchinson log-likelihood, averaged
   over examples, agrees with the exact one within 3 standard errors (SE from the spread over draws)."""
-  sde, score_fn, x, logp_exact, _, _ = case
+  sde, score_fn, x, logp_exact, _, _ = _case(sde_name)
   f = jax.jit(lambda k: likelihood.log_likelihood(k, sde, score_fn, x, divergence=divergence, eps=EPS,
                                                   num_probes=2)[0])
   diffs = np.stack([np.asarray(f(jax.random.PRNGKey(100 + i)) - logp_exact).mean() for i in range(8)])
