@@ -5,7 +5,7 @@ resolved values (its default_*_configs base applied) and where they were read (s
 each one the project's file at the same relative path must load with `load_config_file` and carry every
 official field with an equal value.  Fields the project adds are not checked; the few official fields
 that are not carried or deliberately differ are listed below with the reason.  Configs only: no model is
-built.
+built, except that `test_official_config_validates` traces each model's shapes (as `validate_config` does).
 """
 import json
 import math
