@@ -14,6 +14,8 @@ import re
 import numpy as np
 import pytest
 
+from tiers import default_or_slow  # tests/tiers.py
+
 MATRIX_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                           "shared", "fixtures", "official_torch_matrix")
 MATRIX = sorted(os.path.relpath(p, MATRIX_DIR)
@@ -63,4 +65,4 @@ def params(rels):
   """pytest params: DEFAULT in the default run, the rest marked slow; a skip when the matrix is absent."""
   if not rels:
     return [pytest.param("", marks=pytest.mark.skip(reason=f"{MATRIX_DIR} is not present"))]
-  return [pytest.param(r, marks=() if r in DEFAULT else pytest.mark.slow) for r in rels]
+  return default_or_slow(rels, DEFAULT)

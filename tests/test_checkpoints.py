@@ -123,17 +123,18 @@ def _leaf_paths(tree, prefix=()):
 
 
 # The official JAX names concern NCSN++/DDPM++ and DDPM (NCSN/NCSNv2 have no FIR resampling conv).
-MATRIX = [os.path.join(MATRIX_DIR, r) for r in official_matrix.MATRIX if "jaxsem" not in r]
+MATRIX = [r for r in official_matrix.MATRIX if "jaxsem" not in r]
 
 
-def _check_official_jax_names(paths, tmp_path, monkeypatch):
-  """For each configuration, an official-JAX-format State (our tree with the official FIR conv leaf name,
-  msgpack as flax 0.3 wrote it) loads back to exactly the converted weights, raw weights from
-  optimizer.target; with the explicit leaf mapping switched off, the architectures with FIR resampling
-  convolutions are refused, naming the parameter.  Returns how many had FIR resampling convolutions."""
+def _check_official_jax_names(rels, tmp_path, monkeypatch):
+  """For each matrix fixture in `rels` (paths relative to MATRIX_DIR), an official-JAX-format State (our
+  tree with the official FIR conv leaf name, msgpack as flax 0.3 wrote it) loads back to exactly the
+  converted weights, raw weights from optimizer.target; with the explicit leaf mapping switched off, the
+  architectures with FIR resampling convolutions are refused, naming the parameter.  Returns how many had
+  FIR resampling convolutions."""
   with_fir_conv = 0
-  for path in paths:
-    d = np.load(path)
+  for rel in rels:
+    d = np.load(os.path.join(MATRIX_DIR, rel))
     config = ml_collections.ConfigDict(json.loads(str(d["config_json"])))
     config_defaults.complete(config)   # an official config: the fields it predates get their defaults
     ours = convert_torch_state_dict(config, {k[3:]: d[k] for k in d.files if k.startswith("sd/")})
@@ -146,7 +147,7 @@ def _check_official_jax_names(paths, tmp_path, monkeypatch):
     f = tmp_path / "checkpoint_3"
     f.write_bytes(flax.serialization.msgpack_serialize(state))
     got = checkpoints.load_pretrained(str(f), config)
-    assert jax.tree.all(jax.tree.map(np.array_equal, got, ours)), os.path.basename(path)
+    assert jax.tree.all(jax.tree.map(np.array_equal, got, ours)), rel
     raw = checkpoints.load_pretrained(str(f), config, weights="raw")
     assert jax.tree.all(jax.tree.map(lambda a, b: np.array_equal(a, b + np.float32(0.5)), raw, ours))
     if any(p[-1] == "weight" for p in _leaf_paths(official)):
@@ -162,7 +163,7 @@ def _check_official_jax_names(paths, tmp_path, monkeypatch):
 def test_official_jax_names_on_every_switch_value(tmp_path, monkeypatch):
   """`_check_official_jax_names` on the default run's subset of the matrix (every switch value of
   NCSN++/DDPM++ and DDPM, tests/official_matrix.py), FIR resampling convolutions among them."""
-  default = [p for p in MATRIX if os.path.relpath(p, MATRIX_DIR) in official_matrix.DEFAULT]
+  default = [r for r in MATRIX if r in official_matrix.DEFAULT]
   assert len(default) >= 7, default
   assert _check_official_jax_names(default, tmp_path, monkeypatch) >= 1
 

@@ -31,6 +31,8 @@ from score_sde_jax import controllable, sampling, sgld
 from score_sde_jax import sde as sde_lib
 from score_sde_jax.datasets import toy, toy_labels
 
+from tiers import default_or_slow  # tests/tiers.py
+
 EPS = 1e-3
 N_STEPS = 500
 MIX = toy.mixture1d()                 # 0.3 N(−2, 0.5²) + 0.7 N(2, 0.5²); label 0 is the mode at −2
@@ -135,7 +137,7 @@ def _guided(sde, scale, label=0, n=N_GUIDED):
 
 
 def _sde_params(names_default):
-  return [pytest.param(n, marks=() if n in names_default else pytest.mark.slow) for n in SDES]
+  return default_or_slow(list(SDES), names_default)
 
 
 @pytest.mark.parametrize("sde_name", _sde_params(("vp",)))

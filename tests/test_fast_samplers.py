@@ -37,6 +37,7 @@ from score_sde_jax import sampling
 from score_sde_jax.datasets import toy
 
 from mixture_problem import EPS, MIX, N_SAMPLES, SDES  # tests/mixture_problem.py
+from tiers import default_or_slow  # tests/tiers.py
 SEED = int(np.random.default_rng().integers(1 << 30))   # fresh each run; printed in every failure
 N_TRAJ = 64
 
@@ -90,12 +91,7 @@ def _reference(sde_name):
   return _REFERENCES[sde_name]
 
 
-def _case_params():
-  return [pytest.param(m, s, marks=() if (m, s) in FAST_CASES else pytest.mark.slow)
-          for m in METHODS for s in SDES]
-
-
-@pytest.mark.parametrize("method,sde_name", _case_params())
+@pytest.mark.parametrize("method,sde_name", default_or_slow([(m, s) for m in METHODS for s in SDES], FAST_CASES))
 def test_deterministic_sampler_converges_to_the_ode_with_its_order(method, sde_name):
   order, ns = METHODS[method]
   sde = SDES[sde_name]
@@ -192,9 +188,8 @@ STOCHASTIC = {
 FAST_STOCHASTIC = [("ddim_eta1", "vp"), ("edm_churn", "subvp")]
 
 
-@pytest.mark.parametrize("variant,sde_name", [
-    pytest.param(v, s, marks=() if (v, s) in FAST_STOCHASTIC else pytest.mark.slow)
-    for v in STOCHASTIC for s in SDES])
+@pytest.mark.parametrize("variant,sde_name",
+                         default_or_slow([(v, s) for v in STOCHASTIC for s in SDES], FAST_STOCHASTIC))
 def test_stochastic_variants_reproduce_the_mixture(variant, sde_name):
   sde = SDES[sde_name]
   key = jax.random.PRNGKey(SEED)

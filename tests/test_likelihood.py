@@ -11,6 +11,8 @@ from score_sde_jax import likelihood
 from score_sde_jax import sde as sde_lib
 from score_sde_jax.datasets import toy
 
+from tiers import default_or_slow  # tests/tiers.py
+
 MIX = toy.ring8()
 SDES = {
     "ve": sde_lib.VESDE(sigma_min=0.01, sigma_max=10.0),
@@ -59,9 +61,8 @@ _HUTCHINSON_BY_DEFAULT = {("ve", "hutchinson_rademacher"), ("vp", "hutchinson_ga
                           ("subvp", "hutchinson_rademacher")}
 
 
-@pytest.mark.parametrize("sde_name,divergence", [
-    pytest.param(s, d, marks=() if (s, d) in _HUTCHINSON_BY_DEFAULT else pytest.mark.slow)
-    for s in SDES for d in ("hutchinson_rademacher", "hutchinson_gaussian")])
+@pytest.mark.parametrize("sde_name,divergence", default_or_slow(
+    [(s, d) for s in SDES for d in ("hutchinson_rademacher", "hutchinson_gaussian")], _HUTCHINSON_BY_DEFAULT))
 def test_hutchinson_estimators_agree_with_the_exact_divergence(sde_name, divergence):
   """The mean over 8 independent probe draws (2 probes each) of the Hutchinson log-likelihood, averaged
   over examples, agrees with the exact one within 3 standard errors (SE from the spread over draws)."""

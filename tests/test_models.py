@@ -15,6 +15,8 @@ from score_sde_jax.models import convert_torch_state_dict, export_torch_state_di
 from score_sde_jax.models import convert as convert_lib
 from score_sde_jax.run import config_utils
 
+from tiers import default_or_slow  # tests/tiers.py
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B = 2
 
@@ -344,8 +346,7 @@ def test_ncsnpp_switch_names(switch):
   assert ours == expected
 
 
-@pytest.mark.parametrize("switch", [pytest.param(s, marks=() if s in TRAIN_STEP_BY_DEFAULT else pytest.mark.slow)
-                                    for s in sorted(NCSNPP_SWITCHES)])
+@pytest.mark.parametrize("switch", default_or_slow(sorted(NCSNPP_SWITCHES), TRAIN_STEP_BY_DEFAULT))
 def test_ncsnpp_switch_trains(switch):
   """The train-mode forward (dropout on) keeps shapes and has finite, non-zero parameter gradients."""
   check_train_step(tiny_ncsnpp(**NCSNPP_SWITCHES[switch]))
@@ -421,8 +422,8 @@ def test_ddpm(kw):
 
 # ncsnv2_128/256 add refinement levels of the same blocks as ncsnv2_64 (their forward passes are checked
 # against the official JAX maths by the jaxsem fixtures); their train-step compiles run with -m slow.
-@pytest.mark.parametrize("name", ["ncsn", "ncsnv2_64", pytest.param("ncsnv2_128", marks=pytest.mark.slow),
-                                  pytest.param("ncsnv2_256", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", default_or_slow(["ncsn", "ncsnv2_64", "ncsnv2_128", "ncsnv2_256"],
+                                                ("ncsn", "ncsnv2_64")))
 def test_ncsnv2_family(name):
   config = tiny_ncsnv2(name)
   model, variables, _ = check_train_step(config)

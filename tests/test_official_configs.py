@@ -15,6 +15,8 @@ import pytest
 
 from score_sde_jax.run import config_utils
 
+from tiers import default_or_slow  # tests/tiers.py
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(REPO, "tests", "data", "official_configs.json")
 
@@ -132,12 +134,8 @@ def test_official_config_matches(rel):
 VALIDATE_BY_DEFAULT = {"ve/ncsn/cifar10.py", "ve/ncsnv2/cifar10.py", "ve/ncsnv2/bedroom.py"}
 
 
-def _validate_params():
-  return [pytest.param(rel, marks=() if CONFIGS[rel]["released_checkpoint"] or rel in VALIDATE_BY_DEFAULT
-                       else pytest.mark.slow) for rel in sorted(CONFIGS)]
-
-
-@pytest.mark.parametrize("rel", _validate_params())
+@pytest.mark.parametrize("rel", default_or_slow(
+    sorted(CONFIGS), [rel for rel in CONFIGS if CONFIGS[rel]["released_checkpoint"] or rel in VALIDATE_BY_DEFAULT]))
 def test_official_config_validates(rel):
   """The project's file passes the project's own config checks (no typo'd or mistyped keys)."""
   config = config_utils.load_config_file(os.path.join(REPO, CONFIGS[rel]["official_path"]))

@@ -15,6 +15,7 @@ from score_sde_jax import sampling
 from score_sde_jax import sde as sde_lib
 
 from mixture_problem import EPS, MIX, N_SAMPLES, SDES  # tests/mixture_problem.py
+from tiers import default_or_slow  # tests/tiers.py
 
 
 def _check_mixture(x, sde, eps=EPS, label=""):
@@ -39,12 +40,7 @@ FAST_PC_CASES = [("ve", "reverse_diffusion", "langevin"), ("ve", "ancestral_samp
                  ("subvp", "euler_maruyama", "langevin")]
 
 
-def _pc_params():
-  return [pytest.param(*case, marks=() if case in FAST_PC_CASES else pytest.mark.slow)
-          for case in PC_CASES]
-
-
-@pytest.mark.parametrize("sde_name,predictor,corrector", _pc_params())
+@pytest.mark.parametrize("sde_name,predictor,corrector", default_or_slow(PC_CASES, FAST_PC_CASES))
 def test_pc_samplers_reproduce_the_mixture(sde_name, predictor, corrector):
   """N = 1000 steps, snr = 0.16; corrector-only sampling uses 2 Langevin steps per level."""
   sde = SDES[sde_name]
